@@ -1,0 +1,3 @@
+from almdn_ray.cli import app
+
+app()

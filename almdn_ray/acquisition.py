@@ -1,0 +1,241 @@
+"""Acquisition: from per-detection uncertainties to per-image scores and a selection. Pure numpy.
+
+Two forms give the same scores (DESIGN sections 4-5):
+
+* the reference form, :func:`almdn_scores`, from one row per detection;
+* the scalable form: :func:`summarize` turns each image's detections into one row of maxima, sums and
+  sums of squares (what a distributed map writes), and :func:`pool_statistics` + :func:`strategy_scores`
+  reduce any number of such rows exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "TERMS",
+    "STRATEGIES",
+    "PoolStatistics",
+    "Selection",
+    "almdn_scores",
+    "summarize",
+    "detection_values",
+    "summary_columns",
+    "pool_statistics",
+    "strategy_scores",
+    "select_top",
+    "select",
+]
+
+TERMS = ("loc_al", "loc_ep", "cls_al", "cls_ep")
+Summaries = Mapping[str, np.ndarray]
+
+
+def _zscore(values: np.ndarray, mean: np.ndarray, std: np.ndarray) -> np.ndarray:
+    """``(values - mean) / std`` per column; a column with zero spread scores 0 (all its values are equal)."""
+    out = np.zeros(np.broadcast_shapes(values.shape, mean.shape), dtype=np.float64)
+    np.divide(values - mean, std, out=out, where=np.broadcast_to(std > 0, out.shape))
+    return out
+
+
+def _per_image_max(image_index: np.ndarray, values: np.ndarray, num_images: int) -> np.ndarray:
+    """``[num_images, T]`` column maxima per image; ``-inf`` for images without rows."""
+    result = np.full((num_images, values.shape[1]), -np.inf)
+    np.maximum.at(result, image_index, values)
+    return result
+
+
+def _check_rows(image_index: np.ndarray, values: np.ndarray, num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    image_index = np.asarray(image_index, dtype=np.int64)
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 2 or values.shape[1] != len(TERMS) or values.shape[0] != image_index.shape[0]:
+        raise ValueError(
+            f"values must be [M, {len(TERMS)}] ({', '.join(TERMS)}) for {image_index.shape[0]} "
+            f"image indices, got {values.shape}"
+        )
+    if image_index.size and (image_index.min() < 0 or image_index.max() >= num_images):
+        raise ValueError(f"image_index must lie in [0, {num_images}), got [{image_index.min()}, {image_index.max()}]")
+    return image_index, values
+
+
+def almdn_scores(image_index: np.ndarray, values: np.ndarray, num_images: int) -> np.ndarray:
+    """AL-MDN scores from per-detection rows (the reference form).
+
+    Args:
+        image_index: ``[M]`` image of each detection, in ``[0, num_images)``.
+        values: ``[M, 4]`` the detection's ``loc_al, loc_ep, cls_al, cls_ep``.
+        num_images: pool size.
+
+    Returns:
+        ``[num_images]``: max over the four terms of the z-scored per-image maxima, where each term is
+        normalised by its mean and population std over all M detections; ``-inf`` without detections.
+    """
+    image_index, values = _check_rows(image_index, values, num_images)
+    if values.shape[0] == 0:
+        return np.full(num_images, -np.inf)
+    z = _zscore(_per_image_max(image_index, values, num_images), values.mean(axis=0), values.std(axis=0))
+    scores = z.max(axis=1)
+    scores[np.bincount(image_index, minlength=num_images) == 0] = -np.inf
+    return scores
+
+
+def summary_columns() -> list[str]:
+    """Column names of the per-image summary rows, in order."""
+    return ["n_det"] + [f"{t}_{s}" for t in TERMS for s in ("max", "sum", "sumsq")] + ["entropy_max"]
+
+
+def summarize(
+    image_index: np.ndarray, values: np.ndarray, num_images: int, entropy: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """One summary row per image from per-detection rows (the map side of DESIGN section 5).
+
+    Returns:
+        Columns of :func:`summary_columns`, each ``[num_images]``: ``n_det``; per term its ``_max``
+        (``-inf`` without detections), ``_sum`` and ``_sumsq``; ``entropy_max`` (``-inf`` without detections).
+    """
+    image_index, values = _check_rows(image_index, values, num_images)
+    maxima = _per_image_max(image_index, values, num_images)
+    out: dict[str, np.ndarray] = {"n_det": np.bincount(image_index, minlength=num_images).astype(np.int64)}
+    for j, term in enumerate(TERMS):
+        column = values[:, j]
+        out[f"{term}_max"] = maxima[:, j]
+        out[f"{term}_sum"] = np.bincount(image_index, weights=column, minlength=num_images)
+        out[f"{term}_sumsq"] = np.bincount(image_index, weights=column * column, minlength=num_images)
+    entropy = np.full(image_index.shape[0], -np.inf) if entropy is None else np.asarray(entropy, np.float64)
+    out["entropy_max"] = _per_image_max(image_index, entropy[:, None], num_images)[:, 0]
+    return out
+
+
+def detection_values(detections: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Flatten per-image detections (objects with ``loc_al … cls_ep, entropy`` arrays) into rows.
+
+    Returns:
+        ``(image_index [M], values [M, 4], entropy [M])`` for :func:`almdn_scores` / :func:`summarize`.
+    """
+    counts = [len(d.scores) for d in detections]
+    image_index = np.repeat(np.arange(len(detections)), counts)
+    if not detections or sum(counts) == 0:
+        return image_index, np.zeros((0, len(TERMS))), np.zeros(0)
+    values = np.stack(
+        [np.concatenate([np.asarray(getattr(d, t), np.float64) for d in detections]) for t in TERMS], axis=1
+    )
+    entropy = np.concatenate([np.asarray(d.entropy, np.float64) for d in detections])
+    return image_index, values, entropy
+
+
+@dataclass(frozen=True)
+class PoolStatistics:
+    """Pool-wide mean and population std of each term over all detections, ``[4]`` each (float64)."""
+
+    num_detections: int
+    mean: np.ndarray
+    std: np.ndarray
+
+
+def pool_statistics(summaries: Summaries) -> PoolStatistics:
+    """Reduce summary rows to the pool's detection statistics (sums in float64, in row order)."""
+    count = int(np.sum(summaries["n_det"]))
+    if count == 0:
+        zeros = np.zeros(len(TERMS))
+        return PoolStatistics(0, zeros, zeros)
+    sums = np.array([np.sum(summaries[f"{t}_sum"], dtype=np.float64) for t in TERMS])
+    sumsqs = np.array([np.sum(summaries[f"{t}_sumsq"], dtype=np.float64) for t in TERMS])
+    mean = sums / count
+    variance = np.maximum(sumsqs / count - mean * mean, 0.0)
+    return PoolStatistics(count, mean, np.sqrt(variance))
+
+
+def _maxima(summaries: Summaries, terms: Sequence[str]) -> np.ndarray:
+    return np.stack([np.asarray(summaries[f"{t}_max"], np.float64) for t in terms], axis=1)
+
+
+def _term_strategy(terms: Sequence[str]) -> Callable[..., np.ndarray]:
+    indices = [TERMS.index(t) for t in terms]
+
+    def scores(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generator) -> np.ndarray:
+        z = _zscore(_maxima(summaries, terms), stats.mean[indices], stats.std[indices]).max(axis=1)
+        return np.where(np.asarray(summaries["n_det"]) > 0, z, -np.inf)
+
+    return scores
+
+
+def _entropy(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generator) -> np.ndarray:
+    return np.asarray(summaries["entropy_max"], np.float64)
+
+
+def _random(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generator) -> np.ndarray:
+    return rng.random(len(summaries["n_det"]))
+
+
+STRATEGIES: dict[str, Callable[[Summaries, PoolStatistics, np.random.Generator], np.ndarray]] = {
+    "almdn": _term_strategy(TERMS),
+    "random": _random,
+    "entropy": _entropy,
+    **{term: _term_strategy([term]) for term in TERMS},
+}
+
+
+def strategy_scores(
+    strategy: str, summaries: Summaries, *, stats: PoolStatistics | None = None, seed: int = 0
+) -> np.ndarray:
+    """Score every summary row with a strategy (higher = more worth labelling).
+
+    Args:
+        strategy: a key of :data:`STRATEGIES` (``almdn``, ``random``, ``entropy``, or one term for ablations).
+        summaries: summary columns of the whole pool (or of a chunk, with the pool's ``stats``).
+        stats: pool statistics; computed from ``summaries`` when None.
+        seed: seeds ``random``.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+    stats = pool_statistics(summaries) if stats is None else stats
+    return STRATEGIES[strategy](summaries, stats, np.random.default_rng(seed))
+
+
+def select_top(scores: np.ndarray, budget: int) -> np.ndarray:
+    """Indices of the ``budget`` highest scores, highest first; ties go to the lower index; NaN and -inf last.
+
+    A budget larger than the pool takes every index.
+    """
+    if budget < 0:
+        raise ValueError(f"budget must be >= 0, got {budget}")
+    key = -np.nan_to_num(np.asarray(scores, np.float64), nan=-np.inf, posinf=np.inf, neginf=-np.inf)
+    budget = min(budget, key.shape[0])
+    if budget == 0:
+        return np.zeros(0, dtype=np.int64)
+    if budget < key.shape[0]:
+        threshold = np.partition(key, budget - 1)[budget - 1]
+        candidates = np.flatnonzero(key <= threshold)  # every tie of the last place, in index order
+    else:
+        candidates = np.arange(key.shape[0])
+    return candidates[np.argsort(key[candidates], kind="stable")][:budget].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Selected images, best first: ``image_ids``, their ``scores`` and ``ranks`` (0 = best)."""
+
+    image_ids: np.ndarray
+    scores: np.ndarray
+    ranks: np.ndarray
+
+
+def select(
+    image_ids: np.ndarray, summaries: Summaries, budget: int, *, strategy: str = "almdn", seed: int = 0
+) -> Selection:
+    """The pool reduce: order rows by image id, score them, take the top ``budget``.
+
+    Rows may come in any order and from any number of shards; ties go to the lower image id.
+    """
+    image_ids = np.asarray(image_ids)
+    if len(np.unique(image_ids)) != image_ids.shape[0]:
+        raise ValueError("image_ids must be unique: an image was summarised twice")
+    order = np.argsort(image_ids, kind="stable")
+    ordered = {name: np.asarray(column)[order] for name, column in summaries.items()}
+    scores = strategy_scores(strategy, ordered, seed=seed)
+    top = select_top(scores, budget)
+    return Selection(image_ids[order][top], scores[top], np.arange(top.shape[0]))

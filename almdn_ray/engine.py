@@ -1,0 +1,180 @@
+"""Training and inference loops for SSD-GMM, with no Ray: the distributed layer calls these."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from almdn_ray.model.anchors import make_box_coder
+from almdn_ray.model.detector import SSDGMM
+from almdn_ray.model.loss import LossTerms, MultiboxMixtureLoss
+from almdn_ray.model.postprocess import Detections, PostprocessConfig, postprocess
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Batch", "EpochResult", "collate", "train_step", "train_one_epoch", "recalibrate_batch_norm", "predict"]
+
+Batch = tuple[Tensor, list[dict[str, Tensor]]]  # images [B, 3, H, W] in [0, 1], per-image targets
+
+
+@dataclass
+class EpochResult:
+    """Per-iteration losses of one pass (plain floats, already divided by the positives)."""
+
+    total: list[float] = field(default_factory=list)
+    loc: list[float] = field(default_factory=list)
+    cls: list[float] = field(default_factory=list)
+
+    @property
+    def num_iterations(self) -> int:
+        return len(self.total)
+
+
+def collate(samples: Sequence[tuple[Tensor, dict[str, Tensor]]]) -> Batch:
+    """Stack ``(image [3, H, W], target)`` samples of equal size into a :data:`Batch`."""
+    images, targets = zip(*samples)
+    return torch.stack(images), list(targets)
+
+
+def _to_device(batch: Batch, device: torch.device) -> Batch:
+    images, targets = batch
+    return images.to(device, non_blocking=True), [{k: v.to(device) for k, v in t.items()} for t in targets]
+
+
+def train_step(
+    model: nn.Module,
+    batch: Batch,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: MultiboxMixtureLoss,
+    *,
+    grad_clip: float | None = None,
+) -> LossTerms:
+    """One optimisation step. Returns the loss terms (detached)."""
+    images, targets = batch
+    model.train()
+    terms = loss_fn(model(images), targets)
+    optimizer.zero_grad(set_to_none=True)
+    terms.total.backward()
+    if grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    return LossTerms(terms.total.detach(), terms.loc.detach(), terms.cls.detach(), terms.num_positives)
+
+
+def train_one_epoch(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: MultiboxMixtureLoss,
+    *,
+    device: torch.device | str | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    grad_clip: float | None = None,
+    max_iterations: int | None = None,
+    log_every: int = 50,
+) -> EpochResult:
+    """Train over ``batches`` (one pass, or ``max_iterations`` steps), stepping ``scheduler`` per iteration.
+
+    Raises:
+        FloatingPointError: the loss became NaN or infinite (the caller decides how to recover).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    result = EpochResult()
+    for batch in batches:
+        if max_iterations is not None and result.num_iterations >= max_iterations:
+            break
+        terms = train_step(model, _to_device(batch, device), optimizer, loss_fn, grad_clip=grad_clip)
+        total = float(terms.total)
+        if not math.isfinite(total):
+            raise FloatingPointError(f"loss is {total} at iteration {result.num_iterations}")
+        result.total.append(total)
+        result.loc.append(float(terms.loc))
+        result.cls.append(float(terms.cls))
+        if scheduler is not None:
+            scheduler.step()
+        if log_every and result.num_iterations % log_every == 0:
+            logger.info(
+                "iteration %d: loss %.4f (loc %.4f, cls %.4f)",
+                result.num_iterations,
+                total,
+                result.loc[-1],
+                result.cls[-1],
+            )
+    return result
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(
+    model: nn.Module,
+    batches: Iterable[Batch | Tensor],
+    *,
+    num_batches: int = 20,
+    device: torch.device | str | None = None,
+) -> int:
+    """Re-estimate BatchNorm running statistics as exact averages over ``num_batches`` training batches.
+
+    BatchNorm's exponential running averages lag behind weights that still move fast (a short run, or a
+    backbone trained from scratch); an eval-mode model then sees statistics of older weights. This pass
+    (detectron2 calls it "precise BN") replaces them with the current weights' statistics.
+
+    Returns:
+        The number of batches used (0 when the model has no BatchNorm).
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not norms:
+        return 0
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    was_training = model.training
+    model.train()
+    used = 0
+    try:
+        for batch in batches:
+            if used >= num_batches:
+                break
+            images = batch[0] if isinstance(batch, tuple | list) else batch
+            model(images.to(device))
+            used += 1
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    return used
+
+
+@torch.no_grad()
+def predict(
+    model: SSDGMM,
+    images: Tensor | Iterable[Tensor],
+    *,
+    config: PostprocessConfig = PostprocessConfig(),
+    batch_size: int = 8,
+    device: torch.device | str | None = None,
+    variances: tuple[float, float] = (0.1, 0.2),
+) -> list[Detections]:
+    """Detections with uncertainties for every image, in input order, on the CPU.
+
+    Args:
+        images: ``[N, 3, H, W]`` in [0, 1], or an iterable of ``[B, 3, H, W]`` batches.
+        batch_size: images per forward pass when ``images`` is one tensor.
+        variances: the box encoding the model was trained with (``LossConfig.variances``).
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    box_coder = make_box_coder(variances)
+    batches = images.split(batch_size) if isinstance(images, Tensor) else images
+    model.eval()
+    results: list[Detections] = []
+    for batch in batches:
+        batch = batch.to(device, non_blocking=True)
+        outputs = model(batch)
+        detections = postprocess(outputs, box_coder=box_coder, image_size=tuple(batch.shape[-2:]), config=config)
+        results.extend(Detections(*(t.cpu() for t in d)) for d in detections)
+    return results

@@ -1,0 +1,182 @@
+"""SSD-GMM: an SSD whose head predicts mixtures, and its presets (one builder holds them all)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torchvision.models.detection.image_list import ImageList
+from torchvision.models.detection.ssd import SSDHead
+from torchvision.models.detection.ssdlite import SSDLiteHead
+
+from almdn_ray.model.anchors import ssd300_default_boxes, ssdlite_default_boxes
+from almdn_ray.model.backbones import mobilenet_v3_extractor, vgg16_extractor
+from almdn_ray.model.gmm_head import MixtureHead, MixtureOutputs
+
+__all__ = ["Preset", "PRESETS", "SSDGMM", "PlainSSD", "build_ssdgmm", "build_plain_ssd"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What differs between the model presets."""
+
+    backbone: str  # "vgg16" | "mobilenet_v3"
+    image_size: int
+    image_mean: tuple[float, float, float]
+    image_std: tuple[float, float, float]
+    separable_head: bool
+
+
+PRESETS = {
+    # The paper's model. Mean/std as torchvision's SSD300 (inputs rescaled to 0-255, mean subtracted).
+    "ssd300_vgg16": Preset("vgg16", 300, (0.48235, 0.45882, 0.40784), (1 / 255, 1 / 255, 1 / 255), False),
+    # Small and fast, for CPU: SSDLite with MobileNetV3-Large.
+    "ssdlite320_mobilenet_v3": Preset("mobilenet_v3", 320, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), True),
+}
+
+
+class _SSDBase(nn.Module):
+    """Normalisation, backbone and default boxes shared by the mixture and plain detectors."""
+
+    def __init__(
+        self,
+        *,
+        backbone: nn.Module,
+        anchor_generator: nn.Module,
+        image_size: int,
+        image_mean: tuple[float, ...],
+        image_std: tuple[float, ...],
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.anchor_generator = anchor_generator
+        self.image_size = image_size
+        self.register_buffer("image_mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("image_std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+
+    def features(self, images: Tensor) -> tuple[list[Tensor], Tensor]:
+        """Args: images ``[B, 3, H, W]`` in [0, 1]. Returns: feature maps and anchors ``[A, 4]``."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be [B, 3, H, W], got {tuple(images.shape)}")
+        x = (images - self.image_mean) / self.image_std
+        features = list(self.backbone(x).values())
+        height, width = images.shape[-2:]
+        anchors = self.anchor_generator(ImageList(images[:1], [(height, width)]), features)[0]
+        return features, anchors
+
+
+class SSDGMM(_SSDBase):
+    """SSD with a :class:`MixtureHead`; ``forward`` returns raw :class:`MixtureOutputs` in every mode.
+
+    Loss and detections are separate functions (``MultiboxMixtureLoss``, ``postprocess``).
+    """
+
+    def __init__(self, *, head: MixtureHead, **base):
+        super().__init__(**base)
+        self.head = head
+        self.num_classes = head.num_classes
+        self.num_components = head.num_components
+
+    def forward(self, images: Tensor) -> MixtureOutputs:
+        features, anchors = self.features(images)
+        return self.head(features, anchors)
+
+
+class PlainSSD(_SSDBase):
+    """The same backbone with torchvision's point-estimate SSD head, for side-by-side comparisons."""
+
+    def __init__(self, *, head: nn.Module, **base):
+        super().__init__(**base)
+        self.head = head
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """Returns ``{"bbox_regression": [B, A, 4], "cls_logits": [B, A, C], "anchors": [A, 4]}``."""
+        features, anchors = self.features(images)
+        return {**self.head(features), "anchors": anchors}
+
+
+def _parts(preset: str, *, anchor_set: str, backbone_weights, image_size, width_mult: float):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
+    spec = PRESETS[preset]
+    size = image_size or spec.image_size
+    if spec.backbone == "vgg16":
+        if size != 300:
+            raise ValueError(f"ssd300_vgg16 takes 300x300 inputs (its default boxes assume it), got image_size={size}")
+        backbone = vgg16_extractor(weights_path=backbone_weights)
+        anchor_generator = ssd300_default_boxes(anchor_set)
+    else:
+        backbone = mobilenet_v3_extractor(weights_path=backbone_weights, width_mult=width_mult)
+        anchor_generator = ssdlite_default_boxes()
+    with torch.no_grad():
+        was_training = backbone.training
+        backbone.eval()
+        maps = list(backbone(torch.zeros(1, 3, size, size)).values())
+        backbone.train(was_training)
+    in_channels = [m.shape[1] for m in maps]
+    base = dict(
+        backbone=backbone,
+        anchor_generator=anchor_generator,
+        image_size=size,
+        image_mean=spec.image_mean,
+        image_std=spec.image_std,
+    )
+    return spec, base, in_channels, anchor_generator.num_anchors_per_location()
+
+
+def build_ssdgmm(
+    preset: str = "ssd300_vgg16",
+    *,
+    num_classes: int,
+    num_components: int = 4,
+    anchor_set: str = "voc",
+    backbone_weights: str | Path | None = None,
+    image_size: int | None = None,
+    width_mult: float = 1.0,
+) -> SSDGMM:
+    """Build an SSD-GMM from a preset.
+
+    Args:
+        preset: ``"ssd300_vgg16"`` (the paper) or ``"ssdlite320_mobilenet_v3"`` (small, for CPU).
+        num_classes: C, background included (21 for VOC).
+        num_components: K mixture components (4 in the paper).
+        anchor_set: ``"voc"`` or ``"coco"`` default-box scales (ssd300_vgg16 only).
+        backbone_weights: path of an ImageNet ``state_dict`` for the backbone; None trains from scratch.
+        image_size: input side in pixels (only the small preset can change it; <= 320).
+        width_mult: backbone channel multiplier (small preset only).
+    """
+    spec, base, in_channels, num_anchors = _parts(
+        preset, anchor_set=anchor_set, backbone_weights=backbone_weights, image_size=image_size, width_mult=width_mult
+    )
+    head = MixtureHead(
+        in_channels=in_channels,
+        num_anchors=num_anchors,
+        num_classes=num_classes,
+        num_components=num_components,
+        separable=spec.separable_head,
+    )
+    return SSDGMM(head=head, **base)
+
+
+def build_plain_ssd(
+    preset: str = "ssd300_vgg16",
+    *,
+    num_classes: int,
+    anchor_set: str = "voc",
+    backbone_weights: str | Path | None = None,
+    image_size: int | None = None,
+    width_mult: float = 1.0,
+) -> PlainSSD:
+    """The same preset with torchvision's plain SSD (or SSDLite) head."""
+    spec, base, in_channels, num_anchors = _parts(
+        preset, anchor_set=anchor_set, backbone_weights=backbone_weights, image_size=image_size, width_mult=width_mult
+    )
+    if spec.separable_head:
+        from functools import partial
+
+        head = SSDLiteHead(in_channels, num_anchors, num_classes, partial(nn.BatchNorm2d, eps=0.001, momentum=0.03))
+    else:
+        head = SSDHead(in_channels, num_anchors, num_classes)
+    return PlainSSD(head=head, **base)
