@@ -64,9 +64,11 @@ def _check_keys(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor
 
 
 def _load_checked(module: nn.Module, state: dict[str, torch.Tensor], path, *, what: str) -> None:
+    """Load everything but the ImageNet classifier, which SSD does not use."""
     state = {k: v for k, v in state.items() if not k.startswith("classifier.")}
-    _check_keys(module.state_dict(), state, path, what)
-    module.load_state_dict(state)
+    expected = {k: v for k, v in module.state_dict().items() if not k.startswith("classifier.")}
+    _check_keys(expected, state, path, what)
+    module.load_state_dict(state, strict=False)
 
 
 def vgg16_extractor(*, weights_path: str | Path | None = None, trainable_layers: int = 5) -> nn.Module:

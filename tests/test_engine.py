@@ -1,0 +1,107 @@
+import logging
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import box_iou
+
+from almdn_ray import acquisition, engine
+from almdn_ray.model import MultiboxMixtureLoss, PostprocessConfig, build_ssdgmm
+
+SIZE = 160
+COLOURS = {1: (1.0, 0.2, 0.2), 2: (0.2, 0.4, 1.0)}
+log = logging.getLogger(__name__)
+
+
+def make_images(num_images: int, seed: int):
+    """Noise backgrounds with one or two objects: class 1 = red square, class 2 = tall blue bar."""
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for i in range(num_images):
+        image = torch.rand(3, SIZE, SIZE, generator=g) * 0.4
+        boxes, labels = [], []
+        for j in range(1 + i % 2):
+            label = 1 + (i + j) % 2
+            w, h = (48, 48) if label == 1 else (30, 64)
+            x0 = 8 + j * 80 + int(torch.randint(0, 16, (1,), generator=g))
+            y0 = 8 + int(torch.randint(0, SIZE - h - 16, (1,), generator=g))
+            image[:, y0 : y0 + h, x0 : x0 + w] = torch.tensor(COLOURS[label])[:, None, None]
+            boxes.append([x0, y0, x0 + w, y0 + h])
+            labels.append(label)
+        images.append(image)
+        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32), "labels": torch.tensor(labels)})
+    return torch.stack(images), targets
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    images, targets = make_images(4, seed=1)
+    model = build_ssdgmm("ssdlite320_mobilenet_v3", num_classes=3, num_components=4, image_size=SIZE)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    result = engine.train_one_epoch(model, [(images, targets)] * 150, optimizer, MultiboxMixtureLoss(), log_every=0)
+    engine.recalibrate_batch_norm(model, [images])
+    log.info("trained 150 iterations in %.1f s", time.perf_counter() - start)
+    return model, images, targets, result
+
+
+def test_training_drives_the_loss_down_five_fold(trained):
+    _, _, _, result = trained
+    assert result.num_iterations == 150
+    first, last = result.total[0], float(np.mean(result.total[-5:]))
+    assert last <= first / 5, (first, last)
+    assert result.cls[-1] < result.cls[0] / 5
+
+
+def test_trained_model_detects_its_objects(trained):
+    model, images, targets, _ = trained
+    detections = engine.predict(model, images)
+    for i, (det, target) in enumerate(zip(detections, targets)):
+        assert len(det.scores) > 0, f"image {i}: nothing detected"
+        iou = box_iou(target["boxes"], det.boxes)  # [G, D]
+        same_class = target["labels"][:, None] == det.labels[None, :]
+        best = (iou * same_class).max(dim=1).values
+        assert torch.all(best >= 0.5), (i, best, det.labels, target["labels"])
+
+
+def test_a_batch_of_four_equals_four_batches_of_one(trained):
+    model, images = trained[0], trained[1]
+    loose = PostprocessConfig(min_confidence=0.0)  # the low-confidence tail too: many detections to compare
+    together = engine.predict(model, images, batch_size=4, config=loose)
+    alone = engine.predict(model, images, batch_size=1, config=loose)
+    assert sum(len(d.scores) for d in together) > 20
+    for a, b in zip(together, alone):
+        assert a.labels.tolist() == b.labels.tolist()
+        for field in a._fields:
+            torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=1e-4, atol=1e-4)
+
+
+def test_predictions_feed_the_acquisition_summaries(trained):
+    model, images = trained[0], trained[1]
+    detections = engine.predict(model, images, config=PostprocessConfig(min_confidence=0.02))
+    image_index, values, entropy = acquisition.detection_values(detections)
+    assert values.shape == (sum(len(d.scores) for d in detections), 4)
+    summaries = acquisition.summarize(image_index, values, len(detections), entropy)
+    assert summaries["n_det"].tolist() == [len(d.scores) for d in detections]
+    np.testing.assert_allclose(summaries["cls_ep_max"][0], detections[0].cls_ep.max().item(), rtol=1e-6)
+
+
+def test_non_finite_loss_stops_training():
+    images, targets = make_images(2, seed=3)
+    images[0, 0, 0, 0] = float("nan")
+    model = build_ssdgmm("ssdlite320_mobilenet_v3", num_classes=3, image_size=SIZE)
+    with pytest.raises(FloatingPointError, match="iteration 0"):
+        engine.train_one_epoch(
+            model, [(images, targets)], torch.optim.SGD(model.parameters(), lr=0.1), MultiboxMixtureLoss()
+        )
+
+
+def test_recalibrate_batch_norm_uses_exact_statistics():
+    model = nn.Sequential(nn.BatchNorm2d(3, momentum=0.01))
+    batches = [torch.randn(4, 3, 5, 5) * 3 + 2 for _ in range(3)]
+    assert engine.recalibrate_batch_norm(model, batches, num_batches=2) == 2
+    torch.testing.assert_close(model[0].running_mean, torch.cat(batches[:2]).mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    assert model[0].momentum == 0.01 and model.training
