@@ -24,7 +24,10 @@ from almdn_ray.model.anchors import make_box_coder
 
 
 def count_macs(model: nn.Module, *inputs, batch_size: int = 1) -> int:
-    """Multiply-accumulates of ``model(*inputs)`` per image of a batch of ``batch_size``, over every Conv2d and Linear layer."""
+    """Multiply-accumulates per image of ``model(*inputs)`` on a batch of ``batch_size``.
+
+    Counts every Conv2d and Linear layer, which is where all of SSD's arithmetic is.
+    """
     total = 0
 
     def hook(module, inputs, output):
