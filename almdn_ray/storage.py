@@ -1,0 +1,133 @@
+"""Storage through ``pyarrow.fs``: local paths, ``file://`` and ``s3://bucket/key`` URIs.
+
+S3 settings come from the standard AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``) or an explicit
+``endpoint`` (S3-compatible stores: MinIO, Ceph, moto). pyarrow does not read the endpoint variables
+itself, so this module passes them on.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+from functools import lru_cache
+
+import pyarrow.fs as pafs
+
+__all__ = ["StorageError", "resolve", "join", "read_bytes", "write_bytes", "exists", "list_files", "is_remote"]
+
+
+class StorageError(OSError):
+    """A storage URI could not be read or written; the message names the URI and what to check."""
+
+
+def is_remote(uri: str) -> bool:
+    return str(uri).startswith("s3://")
+
+
+@lru_cache(maxsize=16)
+def _s3(endpoint: str | None, access_key: str | None, secret_key: str | None, region: str) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": region}
+    if endpoint:
+        kwargs["endpoint_override"] = endpoint
+        kwargs["scheme"] = "http" if endpoint.startswith("http://") else "https"
+    if access_key and secret_key:
+        kwargs.update(access_key=access_key, secret_key=secret_key)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def resolve(uri: str, *, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
+    """The filesystem and the path inside it for a URI.
+
+    Args:
+        uri: a local path, ``file:///abs/path`` or ``s3://bucket/key``.
+        endpoint: S3 endpoint URL (overrides ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``).
+    """
+    uri = str(uri)
+    if is_remote(uri):
+        env = os.environ
+        endpoint = endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+        fs = _s3(endpoint, env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"), region)
+        return fs, uri.removeprefix("s3://").rstrip("/")
+    if uri.startswith("file://"):
+        uri = uri.removeprefix("file://")
+    elif "://" in uri:
+        raise StorageError(f"unsupported storage URI {uri!r}: use a local path, file:// or s3://bucket/prefix")
+    return pafs.LocalFileSystem(), os.path.abspath(uri)
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with ``/`` (object-store keys) or the OS separator (local paths)."""
+    uri = str(uri)
+    if "://" in uri:
+        return posixpath.join(uri, *parts)
+    return os.path.join(uri, *parts)
+
+
+def _explain(uri: str, error: Exception) -> StorageError:
+    text = str(error)
+    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+        hint = "the bucket does not exist: create it or fix the bucket name"
+    elif "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+        hint = "credentials were refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
+    elif "curl" in text.lower() or "connect" in text.lower():
+        hint = "the endpoint could not be reached: check AWS_ENDPOINT_URL / storage.endpoint and the network"
+    else:
+        hint = "check the path and its permissions"
+    return StorageError(f"{uri}: {hint} ({text.strip().splitlines()[0] if text.strip() else type(error).__name__})")
+
+
+def read_bytes(uri: str, *, endpoint: str | None = None) -> bytes:
+    """The whole content of a file."""
+    fs, path = resolve(uri, endpoint=endpoint)
+    try:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{uri} does not exist") from error
+    except OSError as error:
+        if isinstance(error, IsADirectoryError) or "is a directory" in str(error).lower():
+            raise StorageError(f"{uri} is a folder, not a file") from error
+        raise _explain(uri, error) from error
+
+
+def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
+    """Write a file, creating parent folders (local) as needed."""
+    fs, path = resolve(uri, endpoint=endpoint)
+    try:
+        if isinstance(fs, pafs.LocalFileSystem):
+            fs.create_dir(posixpath.dirname(path) if "/" in path else ".", recursive=True)
+        with fs.open_output_stream(path) as stream:
+            stream.write(data)
+    except OSError as error:
+        raise _explain(uri, error) from error
+
+
+def exists(uri: str, *, endpoint: str | None = None) -> bool:
+    fs, path = resolve(uri, endpoint=endpoint)
+    try:
+        return fs.get_file_info(path).type != pafs.FileType.NotFound
+    except OSError as error:
+        raise _explain(uri, error) from error
+
+
+def list_files(uri: str, *, pattern: str = "*", endpoint: str | None = None) -> list[str]:
+    """URIs of the files under a folder (recursively) whose name relative to it matches ``pattern``, sorted."""
+    fs, path = resolve(uri, endpoint=endpoint)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{uri} does not exist") from error
+    except OSError as error:
+        raise _explain(uri, error) from error
+    base = str(uri).rstrip("/")
+    found = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        relative = posixpath.relpath(info.path, path)
+        if fnmatch.fnmatch(relative, pattern) or fnmatch.fnmatch(posixpath.basename(relative), pattern):
+            found.append(join(base, *relative.split("/")))
+    return sorted(found)
