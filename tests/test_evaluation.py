@@ -96,10 +96,11 @@ def test_training_on_demo_data_lifts_voc_map_well_above_the_untrained_model(demo
         drop_last=True,
     )
     optimizer = torch.optim.Adam(model.parameters(), lr=4e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=6e-3, total_steps=300, pct_start=0.15)
     loss_fn, done = MultiboxMixtureLoss(), 0
     while done < 300:
         done += engine.train_one_epoch(
-            model, loader, optimizer, loss_fn, max_iterations=300 - done, log_every=0
+            model, loader, optimizer, loss_fn, scheduler=schedule, max_iterations=300 - done, log_every=0
         ).num_iterations
     engine.recalibrate_batch_norm(model, loader, num_batches=10)
     after = evaluate(model, test)
