@@ -6,6 +6,13 @@ import io
 import os
 import uuid
 
+# Ray reads these when it is imported: set them before any test module imports it.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "120")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -53,3 +60,20 @@ def encode_image(array: np.ndarray, fmt: str = "PNG") -> bytes:
 
 def random_image(width: int, height: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_endpoint):
+    """One local Ray for the whole run (2 CPUs). Started after the S3 server so its workers see the AWS
+    variables that point at it."""
+    import ray
+    from ray.data import DataContext
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    context = DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    context.execution_options.verbose_progress = False
+    context.execution_no_progress_timeout_s = 120
+    yield ray
+    ray.shutdown()

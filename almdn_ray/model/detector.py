@@ -15,7 +15,7 @@ from almdn_ray.model.anchors import ssd300_default_boxes, ssdlite_default_boxes
 from almdn_ray.model.backbones import mobilenet_v3_extractor, vgg16_extractor
 from almdn_ray.model.gmm_head import MixtureHead, MixtureOutputs
 
-__all__ = ["Preset", "PRESETS", "SSDGMM", "PlainSSD", "build_ssdgmm", "build_plain_ssd"]
+__all__ = ["Preset", "PRESETS", "ModelSpec", "SSDGMM", "PlainSSD", "build_ssdgmm", "build_plain_ssd"]
 
 
 @dataclass(frozen=True)
@@ -180,3 +180,37 @@ def build_plain_ssd(
     else:
         head = SSDHead(in_channels, num_anchors, num_classes)
     return PlainSSD(head=head, **base)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to build the same model in another process (a plain dict at the Ray boundary)."""
+
+    preset: str = "ssdlite320_mobilenet_v3"
+    num_classes: int = 21
+    num_components: int = 4
+    anchor_set: str = "voc"
+    image_size: int | None = None
+    backbone_weights: str | None = None
+    width_mult: float = 1.0
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"model.preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.num_classes < 2:
+            raise ValueError(f"model.num_classes must count background and >= 1 class, got {self.num_classes}")
+
+    @property
+    def input_size(self) -> int:
+        return self.image_size or PRESETS[self.preset].image_size
+
+    def build(self) -> SSDGMM:
+        return build_ssdgmm(
+            self.preset,
+            num_classes=self.num_classes,
+            num_components=self.num_components,
+            anchor_set=self.anchor_set,
+            backbone_weights=self.backbone_weights,
+            image_size=self.image_size,
+            width_mult=self.width_mult,
+        )

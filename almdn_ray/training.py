@@ -1,0 +1,281 @@
+"""The training recipe and the per-worker training loop, with no Ray: ``distributed/train.py`` supplies the
+context (rank, checkpoints, reports) and tests supply a local one."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from almdn_ray import engine
+from almdn_ray.model.detector import ModelSpec
+from almdn_ray.model.loss import LossConfig, MultiboxMixtureLoss
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["TrainRecipe", "learning_rate", "WorkerContext", "LocalContext", "TrainingDiverged", "train_worker"]
+
+
+@dataclass(frozen=True)
+class TrainRecipe:
+    """The paper's SSD recipe as defaults (iteration-based); every value can come from the job spec."""
+
+    max_iterations: int = 120_000
+    batch_size: int = 32  # in total, across workers
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_iterations: int = 1000  # lr * ((i + 1) / warmup) ** warmup_power
+    warmup_power: float = 4.0
+    lr_steps: tuple[int, ...] = (80_000, 100_000)
+    lr_gamma: float = 0.1
+    checkpoint_every: int = 1000
+    grad_clip: float | None = None
+    divergence_factor: float = 20.0  # a loss above this many times the recent median is exploding
+    max_restarts: int = 2  # restarts from the last good checkpoint before one restart from scratch
+    cls_loss: str = "type1"
+    augment: bool = True
+    flip: bool = True
+    data_workers: int = 0
+    precise_bn_batches: int = 20
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("max_iterations", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be > 0, got {self.lr}")
+        if list(self.lr_steps) != sorted(self.lr_steps):
+            raise ValueError(f"train.lr_steps must be increasing, got {list(self.lr_steps)}")
+        LossConfig(cls_loss=self.cls_loss)
+
+
+def learning_rate(recipe: TrainRecipe, iteration: int) -> float:
+    """Step schedule with the polynomial warm-up; ``iteration`` counts from 0."""
+    lr = recipe.lr * recipe.lr_gamma ** sum(iteration >= step for step in recipe.lr_steps)
+    if iteration < recipe.warmup_iterations:
+        lr *= ((iteration + 1) / recipe.warmup_iterations) ** recipe.warmup_power
+    return lr
+
+
+class WorkerContext(Protocol):
+    """What the loop needs from its surroundings (Ray Train, or a single local process)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def wrap(self, model: nn.Module) -> nn.Module: ...
+    def latest_checkpoint(self) -> dict | None: ...
+    def report(self, metrics: dict[str, Any], state: dict | None) -> None: ...
+    def all_max(self, value: float) -> float: ...
+    def all_gather(self, value: float) -> list[float]: ...
+
+
+@dataclass
+class LocalContext:
+    """A one-process context: checkpoints kept in memory, reports appended to ``reports``."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    checkpoint: dict | None = None
+    reports: list[dict] = field(default_factory=list)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def latest_checkpoint(self) -> dict | None:
+        return self.checkpoint
+
+    def report(self, metrics: dict[str, Any], state: dict | None) -> None:
+        self.reports.append(metrics)
+        if state is not None:
+            self.checkpoint = copy.deepcopy(state)
+
+    def all_max(self, value: float) -> float:
+        return value
+
+    def all_gather(self, value: float) -> list[float]:
+        return [value]
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss diverged again after restarting from the last good checkpoint and from scratch."""
+
+
+def _fresh(spec: ModelSpec, recipe: TrainRecipe, init_weights: dict | None, seed: int, device):
+    torch.manual_seed(seed)
+    model = spec.build()
+    if init_weights is not None:
+        model.load_state_dict(init_weights)
+    model.to(device)
+    return model
+
+
+def _optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+
+
+def _checksum(model: nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.double().sum() for p in model.parameters()).item())
+
+
+def train_worker(
+    *,
+    spec: ModelSpec,
+    dataset: Dataset,
+    recipe: TrainRecipe,
+    context: WorkerContext,
+    init_weights: dict | None = None,
+    on_iteration: Callable[[int], None] | None = None,
+) -> nn.Module:
+    """Train on ``dataset`` until ``recipe.max_iterations``, resuming from the context's latest checkpoint.
+
+    Every ``checkpoint_every`` iterations (and at the end) every rank calls ``context.report``; rank 0 passes
+    the state ``{"model", "optimizer", "iteration", "restarts"}``. Metrics: ``iteration``, ``loss``,
+    ``loc``, ``cls`` (means since the last report), ``lr``, ``start_iteration`` (where this attempt began),
+    ``initial_loss`` (its first iteration's loss), ``restarts`` and
+    ``weight_spread`` (max - min over ranks of a parameter checksum; 0 when replicas are in sync).
+
+    Divergence guard: a non-finite loss, or one above ``divergence_factor`` times the recent median, on any
+    rank restarts every rank from the last good checkpoint (``max_restarts`` times), then once from scratch;
+    a further divergence raises :class:`TrainingDiverged`.
+    """
+    per_rank = recipe.batch_size // context.world_size
+    if per_rank < 1:
+        raise ValueError(f"train.batch_size {recipe.batch_size} is smaller than the {context.world_size} workers")
+    model = _fresh(spec, recipe, init_weights, recipe.seed, context.device)
+    net = context.wrap(model)
+    optimizer = _optimizer(model, recipe)
+    loss_fn = MultiboxMixtureLoss(LossConfig(cls_loss=recipe.cls_loss))
+    iteration, restarts, from_scratch = 0, 0, False
+    checkpoint = context.latest_checkpoint()
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        iteration, restarts = int(checkpoint["iteration"]), int(checkpoint.get("restarts", 0))
+        logger.info("rank %d: resumed from the checkpoint at iteration %d", context.rank, iteration)
+    good = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration})
+    start_iteration = iteration
+    sampler = DistributedSampler(
+        dataset,
+        num_replicas=context.world_size,
+        rank=context.rank,
+        shuffle=True,
+        seed=recipe.seed,
+        drop_last=len(dataset) >= context.world_size,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=per_rank,
+        sampler=sampler,
+        collate_fn=engine.collate,
+        num_workers=recipe.data_workers,
+        drop_last=len(dataset) >= recipe.batch_size,
+    )
+    if len(loader) == 0:
+        raise ValueError(f"{len(dataset)} training images give no batch of {per_rank} per worker")
+    history: list[float] = []
+    window: dict[str, list[float]] = {"loss": [], "loc": [], "cls": []}
+    initial_loss: float | None = None
+    if iteration >= recipe.max_iterations:  # a finished run started again: hand back its final state
+        spread = context.all_gather(_checksum(model))
+        context.report(
+            {
+                "iteration": iteration,
+                "start_iteration": start_iteration,
+                "restarts": restarts,
+                "weight_spread": max(spread) - min(spread),
+            },
+            {**checkpoint, "restarts": restarts} if context.rank == 0 else None,
+        )
+    while iteration < recipe.max_iterations:
+        sampler.set_epoch(iteration // len(loader) + 1000 * restarts)
+        diverged = False
+        for images, targets in loader:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(recipe, iteration)
+            batch = (images.to(context.device), [{k: v.to(context.device) for k, v in t.items()} for t in targets])
+            terms = engine.train_step(net, batch, optimizer, loss_fn, grad_clip=recipe.grad_clip)
+            loss = float(terms.total)
+            exploding = len(history) >= 20 and loss > recipe.divergence_factor * statistics.median(history[-50:])
+            if context.all_max(0.0 if math.isfinite(loss) and not exploding else 1.0) > 0:
+                diverged = True
+                break
+            history.append(loss)
+            initial_loss = loss if initial_loss is None else initial_loss
+            for key, value in (("loss", loss), ("loc", float(terms.loc)), ("cls", float(terms.cls))):
+                window[key].append(value)
+            iteration += 1
+            if on_iteration is not None:
+                on_iteration(iteration)
+            if iteration % recipe.checkpoint_every == 0 or iteration == recipe.max_iterations:
+                if iteration == recipe.max_iterations and recipe.precise_bn_batches:
+                    engine.recalibrate_batch_norm(
+                        model, loader, num_batches=recipe.precise_bn_batches, device=context.device
+                    )
+                state = {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "iteration": iteration,
+                    "restarts": restarts,
+                }
+                spread = context.all_gather(_checksum(model))
+                metrics = {
+                    "iteration": iteration,
+                    "lr": learning_rate(recipe, iteration - 1),
+                    "start_iteration": start_iteration,
+                    "restarts": restarts,
+                    "initial_loss": initial_loss,
+                    "weight_spread": max(spread) - min(spread),
+                    **{k: float(sum(v) / len(v)) for k, v in window.items()},
+                }
+                context.report(metrics, state if context.rank == 0 else None)
+                good = copy.deepcopy(state)
+                window = {k: [] for k in window}
+            if iteration >= recipe.max_iterations:
+                break
+        if not diverged:
+            continue
+        restarts += 1
+        history.clear()
+        if restarts <= recipe.max_restarts:
+            logger.warning(
+                "rank %d: loss diverged at iteration %d; restarting from the checkpoint at iteration %d "
+                "(restart %d of %d)",
+                context.rank,
+                iteration,
+                good["iteration"],
+                restarts,
+                recipe.max_restarts,
+            )
+            model.load_state_dict(good["model"])
+            optimizer.load_state_dict(good["optimizer"])
+            iteration = int(good["iteration"])
+        elif not from_scratch:
+            from_scratch = True
+            logger.warning(
+                "rank %d: loss diverged again at iteration %d; restarting from scratch", context.rank, iteration
+            )
+            model.load_state_dict(_fresh(spec, recipe, init_weights, recipe.seed + restarts, "cpu").state_dict())
+            optimizer = _optimizer(model, recipe)
+            iteration = 0
+        else:
+            raise TrainingDiverged(
+                f"training diverged at iteration {iteration} even after restarting from the "
+                f"last checkpoint and from scratch; lower train.lr (now {recipe.lr}) or set "
+                "train.grad_clip"
+            )
+    return model
