@@ -78,7 +78,7 @@ def score_pool(
         ", 1 GPU" if use_gpu else "",
         out_uri,
     )
-    dataset = ray.data.read_parquet(in_path, filesystem=in_fs, columns=["image_id", "uri"])
+    dataset = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["image_id", "uri"])
     # Small manifests arrive as one block, which one actor would score alone: cut them into blocks.
     dataset = dataset.repartition(target_num_rows_per_block=rows_per_block)
     scored = dataset.map_batches(
@@ -94,8 +94,6 @@ def score_pool(
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus_per_actor,
         num_gpus=1 if use_gpu else 0,
-        max_restarts=-1,
-        max_task_retries=-1,
-    )
+    )  # Ray Data restarts dead actors and retries their batches by default
     scored.write_parquet(out_path, filesystem=out_fs, mode=ray.data.SaveMode.OVERWRITE)
     return out_uri
