@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import torch
 
 from almdn_ray import acquisition, engine, storage
@@ -94,7 +93,7 @@ def read_scores(folder: str) -> pa.Table:
     files = storage.list_files(folder, pattern="*.parquet")
     if not files:
         raise FileNotFoundError(f"{folder} has no score files; run the SCORE stage first")
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(uri))) for uri in files]
+    tables = [storage.read_parquet(uri) for uri in files]
     return pa.concat_tables([t.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA) for t in tables])
 
 

@@ -9,13 +9,22 @@ itself, so this module passes them on.
 from __future__ import annotations
 
 import fnmatch
+import io
+import json
 import os
 import posixpath
+import tempfile
 from functools import lru_cache
+from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-__all__ = ["StorageError", "resolve", "join", "read_bytes", "write_bytes", "exists", "list_files", "is_remote"]
+__all__ = [
+    "StorageError", "resolve", "join", "read_bytes", "write_bytes", "exists", "list_files", "is_remote",
+    "read_json", "write_json", "read_parquet", "write_parquet", "delete",
+]  # fmt: skip
 
 
 class StorageError(OSError):
@@ -68,9 +77,10 @@ def join(uri: str, *parts: str) -> str:
 
 def _explain(uri: str, error: Exception) -> StorageError:
     text = str(error)
-    if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
+    key = text.lower().replace("_", "")  # pyarrow says NO_SUCH_BUCKET, S3 says NoSuchBucket
+    if "nosuchbucket" in key or "bucket does not exist" in key:
         hint = "the bucket does not exist: create it or fix the bucket name"
-    elif "AccessDenied" in text or "InvalidAccessKeyId" in text or "SignatureDoesNotMatch" in text:
+    elif any(word in key for word in ("accessdenied", "invalidaccesskeyid", "signaturedoesnotmatch", "forbidden")):
         hint = "credentials were refused: check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"
     elif "curl" in text.lower() or "connect" in text.lower():
         hint = "the endpoint could not be reached: check AWS_ENDPOINT_URL / storage.endpoint and the network"
@@ -94,13 +104,66 @@ def read_bytes(uri: str, *, endpoint: str | None = None) -> bytes:
 
 
 def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
-    """Write a file, creating parent folders (local) as needed."""
+    """Write a file atomically: readers see the old content or the new, never a part.
+
+    Local files are written to a temporary file beside the target and renamed over it; an object store
+    PUT replaces the object in one step.
+    """
     fs, path = resolve(uri, endpoint=endpoint)
     try:
         if isinstance(fs, pafs.LocalFileSystem):
-            fs.create_dir(posixpath.dirname(path) if "/" in path else ".", recursive=True)
+            folder = os.path.dirname(path)
+            os.makedirs(folder, exist_ok=True)
+            handle, temporary = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+            try:
+                with os.fdopen(handle, "wb") as stream:
+                    stream.write(data)
+                os.replace(temporary, path)
+            finally:
+                if os.path.exists(temporary):
+                    os.unlink(temporary)
+            return
         with fs.open_output_stream(path) as stream:
             stream.write(data)
+    except OSError as error:
+        raise _explain(uri, error) from error
+
+
+def read_json(uri: str, *, endpoint: str | None = None) -> Any:
+    """Parse a JSON file; a malformed one is an error naming the URI and the position."""
+    data = read_bytes(uri, endpoint=endpoint)
+    try:
+        return json.loads(data)
+    except json.JSONDecodeError as error:
+        raise StorageError(
+            f"{uri}: malformed JSON at line {error.lineno}, column {error.colno} ({error.msg})"
+        ) from error
+
+
+def write_json(uri: str, value: Any, *, endpoint: str | None = None) -> None:
+    """Write JSON atomically (see :func:`write_bytes`)."""
+    write_bytes(uri, json.dumps(value, indent=2, sort_keys=True).encode(), endpoint=endpoint)
+
+
+def read_parquet(uri: str, *, endpoint: str | None = None) -> pa.Table:
+    return pq.read_table(io.BytesIO(read_bytes(uri, endpoint=endpoint)))
+
+
+def write_parquet(uri: str, table: pa.Table, *, endpoint: str | None = None) -> None:
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    write_bytes(uri, buffer.getvalue(), endpoint=endpoint)
+
+
+def delete(uri: str, *, endpoint: str | None = None) -> None:
+    """Delete a file or a folder tree; a missing one is fine."""
+    fs, path = resolve(uri, endpoint=endpoint)
+    try:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            fs.delete_dir(path)
+        elif info.type == pafs.FileType.File:
+            fs.delete_file(path)
     except OSError as error:
         raise _explain(uri, error) from error
 

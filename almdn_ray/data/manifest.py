@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import logging
 import posixpath
 from collections.abc import Callable, Iterable, Iterator
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from almdn_ray import storage
 from almdn_ray.data.images import IMAGE_SUFFIXES, ImageReadError, image_size
@@ -74,9 +72,7 @@ def write_manifest(rows: Iterable[Row], out: str, *, rows_per_shard: int = 10_00
             [pa.array(c, type=f.type) for c, f in zip(columns, MANIFEST_SCHEMA)], schema=MANIFEST_SCHEMA
         )
         uri = storage.join(out, f"manifest-{len(shards):05d}.parquet")
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
-        storage.write_bytes(uri, buffer.getvalue())
+        storage.write_parquet(uri, table)
         shards.append(uri)
         batch.clear()
 
@@ -100,5 +96,5 @@ def read_manifest(folder: str) -> pa.Table:
     shards = [uri for uri in storage.list_files(folder, pattern="manifest-*.parquet")]
     if not shards:
         raise FileNotFoundError(f"{folder} has no manifest-*.parquet shards; build them with `almdn-ray pool build`")
-    tables = [pq.read_table(io.BytesIO(storage.read_bytes(uri)), schema=MANIFEST_SCHEMA) for uri in shards]
+    tables = [storage.read_parquet(uri).cast(MANIFEST_SCHEMA) for uri in shards]
     return pa.concat_tables(tables)

@@ -38,15 +38,23 @@ def main(workdir: Path) -> None:
     spec = ModelSpec(preset="ssdlite320_mobilenet_v3", num_classes=3, image_size=256)
     torch.save(spec.build().state_dict(), workdir / "model.pt")
     write_manifest(rows_from_dataset(Dataset(records, ("a", "b"))), str(workdir / "pool"), rows_per_shard=40)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False,
-                                                            "gcs_server_port": free_port(), **node_args()})
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 1, "include_dashboard": False, "gcs_server_port": free_port(), **node_args()},
+    )
     workers = [cluster.add_node(num_cpus=1, **node_args()) for _ in range(2)]
     gpu_node = cluster.add_node(num_cpus=2, num_gpus=2, **node_args())
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     config = PostprocessConfig(min_confidence=0.2)
-    common = dict(manifest_uri=str(workdir / "pool"), weights_uri=str(workdir / "model.pt"), spec=spec,
-                  postprocess=config, batch_size=2, rows_per_block=4)
+    common = dict(
+        manifest_uri=str(workdir / "pool"),
+        weights_uri=str(workdir / "model.pt"),
+        spec=spec,
+        postprocess=config,
+        batch_size=2,
+        rows_per_block=4,
+    )
     report = {"nodes": len(ray.nodes())}
 
     score_pool(out_uri=str(workdir / "spread"), num_actors=3, **common)

@@ -9,8 +9,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_scoring_on_a_three_node_cluster_with_a_node_removed_and_logical_gpus(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "tests.distributed.cluster_scoring", str(tmp_path)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=540)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.distributed.cluster_scoring", str(tmp_path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["nodes"] == 4

@@ -1,7 +1,4 @@
-import io
-
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -41,8 +38,9 @@ def reference_selection(records, weights, budget):
 
 
 @pytest.mark.parametrize(("shards", "actors", "where"), [(1, 1, "local"), (3, 2, "local"), (3, 2, "s3")])
-def test_every_row_once_and_the_same_selection_as_one_process(ray_session, pool, shards, actors, where, tmp_path,
-                                                              request):
+def test_every_row_once_and_the_same_selection_as_one_process(
+    ray_session, pool, shards, actors, where, tmp_path, request
+):
     from almdn_ray.distributed.score_pool import score_pool
 
     folder, records, weights = pool
@@ -50,11 +48,20 @@ def test_every_row_once_and_the_same_selection_as_one_process(ray_session, pool,
     if where == "s3":
         storage.write_bytes(f"{base}/model.pt", open(weights, "rb").read())
         weights = f"{base}/model.pt"
-    write_manifest(rows_from_dataset(Dataset(records, ("red", "blue"))), f"{base}/pool",
-                   rows_per_shard=-(-len(records) // shards))
+    write_manifest(
+        rows_from_dataset(Dataset(records, ("red", "blue"))), f"{base}/pool", rows_per_shard=-(-len(records) // shards)
+    )
     assert len(storage.list_files(f"{base}/pool")) == shards
-    out = score_pool(manifest_uri=f"{base}/pool", weights_uri=weights, out_uri=f"{base}/scores", spec=SPEC,
-                     postprocess=CONFIG, num_actors=actors, batch_size=4, rows_per_block=5)
+    out = score_pool(
+        manifest_uri=f"{base}/pool",
+        weights_uri=weights,
+        out_uri=f"{base}/scores",
+        spec=SPEC,
+        postprocess=CONFIG,
+        num_actors=actors,
+        batch_size=4,
+        rows_per_block=5,
+    )
     scores = read_scores(out)
     ids = scores.column("image_id").to_pylist()
     assert sorted(ids) == sorted(r.image_id for r in records)  # every manifest row exactly once
@@ -75,7 +82,15 @@ def test_rerun_overwrites_instead_of_appending(ray_session, pool, tmp_path):
     _, records, weights = pool
     write_manifest(rows_from_dataset(Dataset(records[:10], ("red", "blue"))), str(tmp_path / "pool"))
     for _ in range(2):
-        score_pool(manifest_uri=str(tmp_path / "pool"), weights_uri=weights, out_uri=str(tmp_path / "scores"),
-                   spec=SPEC, postprocess=CONFIG, num_actors=1, batch_size=4, rows_per_block=5)
+        score_pool(
+            manifest_uri=str(tmp_path / "pool"),
+            weights_uri=weights,
+            out_uri=str(tmp_path / "scores"),
+            spec=SPEC,
+            postprocess=CONFIG,
+            num_actors=1,
+            batch_size=4,
+            rows_per_block=5,
+        )
     assert read_scores(str(tmp_path / "scores")).num_rows == 10
     assert read_manifest(str(tmp_path / "pool")).num_rows == 10
