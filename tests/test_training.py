@@ -1,0 +1,83 @@
+import logging
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from almdn_ray.model import ModelSpec
+from almdn_ray.training import LocalContext, TrainingDiverged, TrainRecipe, learning_rate, train_worker
+from tests.test_engine import make_images
+
+SPEC = ModelSpec(preset="ssdlite320_mobilenet_v3", num_classes=3, image_size=160)
+
+
+class Scenes(Dataset):
+    """The engine test's images; fetches listed in ``poison`` return an image full of NaN."""
+
+    def __init__(self, poison=lambda fetch: False):
+        self.images, self.targets = make_images(4, seed=1)
+        self.poison, self.fetches = poison, 0
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, index):
+        self.fetches += 1
+        image = self.images[index]
+        return (image * float("nan") if self.poison(self.fetches) else image), self.targets[index]
+
+
+def recipe(**overrides):
+    base = dict(max_iterations=9, batch_size=2, lr=0.01, warmup_iterations=1, lr_steps=(), checkpoint_every=3,
+                augment=False, precise_bn_batches=0, max_restarts=1)
+    return TrainRecipe(**{**base, **overrides})
+
+
+def test_learning_rate_schedule_is_the_papers():
+    r = TrainRecipe(lr=1e-3, warmup_iterations=1000, lr_steps=(80_000, 100_000))
+    assert learning_rate(r, 0) == pytest.approx(1e-3 * (1 / 1000) ** 4)
+    assert learning_rate(r, 499) == pytest.approx(1e-3 * 0.5**4)
+    assert learning_rate(r, 999) == pytest.approx(1e-3)
+    assert learning_rate(r, 80_000) == pytest.approx(1e-4)
+    assert learning_rate(r, 119_999) == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match="train.lr_steps must be increasing"):
+        TrainRecipe(lr_steps=(5, 3))
+
+
+def test_resumes_from_the_latest_checkpoint():
+    context = LocalContext()
+    train_worker(spec=SPEC, dataset=Scenes(), recipe=recipe(max_iterations=6), context=context)
+    assert [r["iteration"] for r in context.reports] == [3, 6] and context.checkpoint["iteration"] == 6
+    train_worker(spec=SPEC, dataset=Scenes(), recipe=recipe(max_iterations=9), context=context)
+    assert context.reports[-1]["start_iteration"] == 6 and context.reports[-1]["iteration"] == 9
+
+
+def test_a_transient_nan_restarts_from_the_last_good_checkpoint(caplog):
+    context = LocalContext()
+    with caplog.at_level(logging.WARNING, logger="almdn_ray.training"):
+        train_worker(spec=SPEC, dataset=Scenes(poison=lambda fetch: fetch == 11), recipe=recipe(), context=context)
+    assert "loss diverged at iteration 5; restarting from the checkpoint at iteration 3" in caplog.text
+    assert context.reports[-1]["iteration"] == 9 and context.reports[-1]["restarts"] == 1
+
+
+def test_lasting_divergence_restarts_from_scratch_then_gives_up(caplog):
+    context = LocalContext()
+    with caplog.at_level(logging.WARNING, logger="almdn_ray.training"), pytest.raises(TrainingDiverged, match="lower"):
+        train_worker(spec=SPEC, dataset=Scenes(poison=lambda fetch: fetch > 8), recipe=recipe(), context=context)
+    assert "restarting from the checkpoint at iteration 3" in caplog.text
+    assert "diverged again at iteration 3; restarting from scratch" in caplog.text
+
+
+def test_batch_smaller_than_the_workers_is_refused():
+    with pytest.raises(ValueError, match="batch_size 1 is smaller than the 2 workers"):
+        train_worker(spec=SPEC, dataset=Scenes(), recipe=recipe(batch_size=1), context=LocalContext(world_size=2))
+
+
+def test_warm_start_begins_from_given_weights():
+    torch.manual_seed(5)
+    weights = SPEC.build().state_dict()
+    context = LocalContext()
+    model = train_worker(spec=SPEC, dataset=Scenes(), recipe=recipe(max_iterations=1, lr=1e-9), context=context,
+                         init_weights=weights)
+    name = "head.box_head.module_list.0.1.weight"
+    torch.testing.assert_close(model.state_dict()[name], weights[name], atol=1e-6, rtol=0)
