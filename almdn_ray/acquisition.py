@@ -136,42 +136,55 @@ class PoolStatistics:
     std: np.ndarray
 
 
-def pool_statistics(summaries: Summaries) -> PoolStatistics:
-    """Reduce summary rows to the pool's detection statistics (sums in float64, in row order)."""
-    count = int(np.sum(summaries["n_det"]))
+def pool_statistics(summaries: Summaries, order: np.ndarray | None = None) -> PoolStatistics:
+    """Reduce summary rows to the pool's detection statistics (float64 sums, taken in ``order`` when given).
+
+    Summing in a fixed order (the pool reduce uses image-id order) makes the result independent of how the
+    rows were sharded, to the last bit.
+    """
+
+    def total(name: str) -> float:
+        column = np.asarray(summaries[name])
+        return float(np.sum(column if order is None else column[order], dtype=np.float64))
+
+    count = int(total("n_det"))
     if count == 0:
         zeros = np.zeros(len(TERMS))
         return PoolStatistics(0, zeros, zeros)
-    sums = np.array([np.sum(summaries[f"{t}_sum"], dtype=np.float64) for t in TERMS])
-    sumsqs = np.array([np.sum(summaries[f"{t}_sumsq"], dtype=np.float64) for t in TERMS])
-    mean = sums / count
-    variance = np.maximum(sumsqs / count - mean * mean, 0.0)
+    mean = np.array([total(f"{t}_sum") for t in TERMS]) / count
+    variance = np.maximum(np.array([total(f"{t}_sumsq") for t in TERMS]) / count - mean * mean, 0.0)
     return PoolStatistics(count, mean, np.sqrt(variance))
-
-
-def _maxima(summaries: Summaries, terms: Sequence[str]) -> np.ndarray:
-    return np.stack([np.asarray(summaries[f"{t}_max"], np.float64) for t in terms], axis=1)
 
 
 def _term_strategy(terms: Sequence[str]) -> Callable[..., np.ndarray]:
     indices = [TERMS.index(t) for t in terms]
 
-    def scores(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generator) -> np.ndarray:
-        z = _zscore(_maxima(summaries, terms), stats.mean[indices], stats.std[indices]).max(axis=1)
-        return np.where(np.asarray(summaries["n_det"]) > 0, z, -np.inf)
+    def scores(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generator, order) -> np.ndarray:
+        best = np.full(len(summaries["n_det"]), -np.inf)
+        for term, j in zip(terms, indices):  # one column at a time: memory stays flat on huge pools
+            np.maximum(
+                best, _zscore(np.asarray(summaries[f"{term}_max"], np.float64), stats.mean[j], stats.std[j]), out=best
+            )
+        best[np.asarray(summaries["n_det"]) == 0] = -np.inf
+        return best
 
     return scores
 
 
-def _entropy(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generator) -> np.ndarray:
+def _entropy(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generator, order) -> np.ndarray:
     return np.asarray(summaries["entropy_max"], np.float64)
 
 
-def _random(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generator) -> np.ndarray:
-    return rng.random(len(summaries["n_det"]))
+def _random(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generator, order) -> np.ndarray:
+    draws = rng.random(len(summaries["n_det"]))
+    if order is None:
+        return draws
+    scores = np.empty_like(draws)
+    scores[order] = draws  # the k-th image in id order gets the k-th draw, however rows arrive
+    return scores
 
 
-STRATEGIES: dict[str, Callable[[Summaries, PoolStatistics, np.random.Generator], np.ndarray]] = {
+STRATEGIES: dict[str, Callable[..., np.ndarray]] = {
     "almdn": _term_strategy(TERMS),
     "random": _random,
     "entropy": _entropy,
@@ -180,20 +193,26 @@ STRATEGIES: dict[str, Callable[[Summaries, PoolStatistics, np.random.Generator],
 
 
 def strategy_scores(
-    strategy: str, summaries: Summaries, *, stats: PoolStatistics | None = None, seed: int = 0
+    strategy: str,
+    summaries: Summaries,
+    *,
+    stats: PoolStatistics | None = None,
+    seed: int = 0,
+    order: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Score every summary row with a strategy (higher = more worth labelling).
+    """Score every summary row with a strategy (higher = more worth labelling), aligned with the rows.
 
     Args:
         strategy: a key of :data:`STRATEGIES` (``almdn``, ``random``, ``entropy``, or one term for ablations).
         summaries: summary columns of the whole pool (or of a chunk, with the pool's ``stats``).
-        stats: pool statistics; computed from ``summaries`` when None.
+        stats: pool statistics; computed from ``summaries`` (in ``order``) when None.
         seed: seeds ``random``.
+        order: row positions sorted by image id (the reduce's canonical order).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
-    stats = pool_statistics(summaries) if stats is None else stats
-    return STRATEGIES[strategy](summaries, stats, np.random.default_rng(seed))
+    stats = pool_statistics(summaries, order) if stats is None else stats
+    return STRATEGIES[strategy](summaries, stats, np.random.default_rng(seed), order)
 
 
 def select_top(scores: np.ndarray, budget: int) -> np.ndarray:
@@ -224,18 +243,30 @@ class Selection:
     ranks: np.ndarray
 
 
+def select_rows(
+    order: np.ndarray, summaries: Summaries, budget: int, *, strategy: str = "almdn", seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pool reduce on rows in any order, given ``order`` (row positions sorted by image id).
+
+    Returns:
+        ``(rows, scores)`` of the ``budget`` best rows, best first; ties go to the lower image id.
+    """
+    scores = strategy_scores(strategy, summaries, seed=seed, order=order)
+    top = select_top(scores[order], budget)
+    rows = order[top]
+    return rows, scores[rows]
+
+
 def select(
     image_ids: np.ndarray, summaries: Summaries, budget: int, *, strategy: str = "almdn", seed: int = 0
 ) -> Selection:
-    """The pool reduce: order rows by image id, score them, take the top ``budget``.
+    """The pool reduce: score rows, take the top ``budget``; ties go to the lower image id.
 
-    Rows may come in any order and from any number of shards; ties go to the lower image id.
+    Rows may come in any order and from any number of shards: the result is the same to the last bit.
     """
     image_ids = np.asarray(image_ids)
-    if len(np.unique(image_ids)) != image_ids.shape[0]:
-        raise ValueError("image_ids must be unique: an image was summarised twice")
     order = np.argsort(image_ids, kind="stable")
-    ordered = {name: np.asarray(column)[order] for name, column in summaries.items()}
-    scores = strategy_scores(strategy, ordered, seed=seed)
-    top = select_top(scores, budget)
-    return Selection(image_ids[order][top], scores[top], np.arange(top.shape[0]))
+    if np.any(image_ids[order][1:] == image_ids[order][:-1]):
+        raise ValueError("image_ids must be unique: an image was summarised twice")
+    rows, scores = select_rows(order, summaries, budget, strategy=strategy, seed=seed)
+    return Selection(image_ids[rows], scores, np.arange(rows.shape[0]))

@@ -12,8 +12,9 @@ from almdn_ray import storage
 
 @pytest.mark.parametrize("where", ["local", "file", "s3"])
 def test_json_and_parquet_round_trip(where, tmp_path, request):
-    base = {"local": str(tmp_path), "file": f"file://{tmp_path}",
-            "s3": request.getfixturevalue("s3_bucket") + "/run"}[where]
+    base = {"local": str(tmp_path), "file": f"file://{tmp_path}", "s3": request.getfixturevalue("s3_bucket") + "/run"}[
+        where
+    ]
     storage.write_json(storage.join(base, "state.json"), {"cycle": 3, "stage": "score"})
     storage.write_json(storage.join(base, "state.json"), {"cycle": 4, "stage": "train"})  # replaced
     assert storage.read_json(storage.join(base, "state.json")) == {"cycle": 4, "stage": "train"}
@@ -53,9 +54,12 @@ def free_port() -> int:
 def test_refused_credentials_are_named(tmp_path):
     # A moto server that checks credentials (its own process: moto's auth switch is process-wide).
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"}, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "0"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 30
         while time.time() < deadline:

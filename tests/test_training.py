@@ -28,8 +28,17 @@ class Scenes(Dataset):
 
 
 def recipe(**overrides):
-    base = dict(max_iterations=9, batch_size=2, lr=0.01, warmup_iterations=1, lr_steps=(), checkpoint_every=3,
-                augment=False, precise_bn_batches=0, max_restarts=1)
+    base = dict(
+        max_iterations=9,
+        batch_size=2,
+        lr=0.01,
+        warmup_iterations=1,
+        lr_steps=(),
+        checkpoint_every=3,
+        augment=False,
+        precise_bn_batches=0,
+        max_restarts=1,
+    )
     return TrainRecipe(**{**base, **overrides})
 
 
@@ -77,7 +86,8 @@ def test_warm_start_begins_from_given_weights():
     torch.manual_seed(5)
     weights = SPEC.build().state_dict()
     context = LocalContext()
-    model = train_worker(spec=SPEC, dataset=Scenes(), recipe=recipe(max_iterations=1, lr=1e-9), context=context,
-                         init_weights=weights)
+    model = train_worker(
+        spec=SPEC, dataset=Scenes(), recipe=recipe(max_iterations=1, lr=1e-9), context=context, init_weights=weights
+    )
     name = "head.box_head.module_list.0.1.weight"
     torch.testing.assert_close(model.state_dict()[name], weights[name], atol=1e-6, rtol=0)

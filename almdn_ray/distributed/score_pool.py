@@ -38,13 +38,14 @@ def plan_actors(*, use_gpu: bool, num_actors: int | None) -> tuple[int, float]:
     """How many actors, and CPUs per actor, so that the actors never take every CPU of the cluster.
 
     Ray Data's read and write tasks need a CPU too: an actor pool holding all CPUs deadlocks on a small node.
-    On GPU there is one actor per GPU unless ``num_actors`` says otherwise.
+    On GPU there is one actor per GPU, on CPU one per core (each a fraction of a CPU, one torch thread),
+    unless ``num_actors`` says otherwise.
     """
     resources = ray.cluster_resources()
     cpus, gpus = float(resources.get("CPU", 1)), int(resources.get("GPU", 0))
     if use_gpu and gpus < 1:
         raise RuntimeError("scoring.use_gpu is set but the Ray cluster has no GPU; unset it or add GPU nodes")
-    actors = num_actors or (gpus if use_gpu else max(1, int(cpus // 2)))
+    actors = num_actors or (gpus if use_gpu else max(1, int(cpus)))
     cpus_per_actor = min(1.0, max(0.1, (cpus - 1.0) / actors))
     return actors, round(cpus_per_actor, 2)
 
