@@ -7,6 +7,7 @@ import copy
 import logging
 import math
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -146,7 +147,7 @@ def train_worker(
     Every ``checkpoint_every`` iterations (and at the end) every rank calls ``context.report``; rank 0 passes
     the state ``{"model", "optimizer", "iteration", "restarts"}``. Metrics: ``iteration``, ``loss``,
     ``loc``, ``cls`` (means since the last report), ``lr``, ``start_iteration`` (where this attempt began),
-    ``initial_loss`` (its first iteration's loss), ``restarts`` and
+    ``initial_loss`` (its first iteration's loss), ``images_per_s`` (since the last report, all ranks), ``restarts`` and
     ``weight_spread`` (max - min over ranks of a parameter checksum; 0 when replicas are in sync).
 
     Divergence guard: a non-finite loss, or one above ``divergence_factor`` times the recent median, on any
@@ -190,6 +191,7 @@ def train_worker(
     history: list[float] = []
     window: dict[str, list[float]] = {"loss": [], "loc": [], "cls": []}
     initial_loss: float | None = None
+    window_start = time.perf_counter()
     if iteration >= recipe.max_iterations:  # a finished run started again: hand back its final state
         spread = context.all_gather(_checksum(model))
         context.report(
@@ -240,11 +242,13 @@ def train_worker(
                     "restarts": restarts,
                     "initial_loss": initial_loss,
                     "weight_spread": max(spread) - min(spread),
+                    "images_per_s": len(window["loss"]) * recipe.batch_size / (time.perf_counter() - window_start),
                     **{k: float(sum(v) / len(v)) for k, v in window.items()},
                 }
                 context.report(metrics, state if context.rank == 0 else None)
                 good = copy.deepcopy(state)
                 window = {k: [] for k in window}
+                window_start = time.perf_counter()
             if iteration >= recipe.max_iterations:
                 break
         if not diverged:

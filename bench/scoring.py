@@ -1,0 +1,133 @@
+"""Pool scoring through Ray Data against the same model in a plain loop, and the pool reduce at 10M rows.
+
+Side by side in one run, on the same images and model:
+1. images/s of ``distributed.score_pool`` (Ray Data, actor pool, Parquet in and out) divided by images/s of
+   ``scoring.score_table`` (one process), at 1k and 10k small pool images. Target: >= 0.85.
+2. ``scoring.select_from_scores`` (the pool reduce + top-budget selection) over 10 million synthetic
+   per-image rows: seconds and peak memory. Target: < 10 s and < 3 GB.
+
+    python bench/scoring.py [--sizes 1000 10000] [--image-size 64] [--reduce-rows 10000000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from almdn_ray import acquisition, scoring  # noqa: E402
+from almdn_ray.data.manifest import read_manifest, write_manifest  # noqa: E402
+from almdn_ray.model import ModelSpec, PostprocessConfig  # noqa: E402
+
+
+def write_pool(folder: Path, count: int, size: int) -> str:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(count):
+        path = folder / f"{i:06d}.png"
+        image = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+        Image.fromarray(image).save(path, compress_level=1)
+        rows.append((f"{i:06d}", str(path), size, size))
+    write_manifest(rows, str(folder / "manifest"), rows_per_shard=2000)
+    return str(folder / "manifest")
+
+
+def bench_throughput(sizes: list[int], image_size: int, workdir: Path) -> None:
+    import ray
+
+    from almdn_ray.distributed.score_pool import score_pool
+
+    spec = ModelSpec(preset="ssdlite320_mobilenet_v3", num_classes=11, image_size=image_size)
+    torch.manual_seed(0)
+    weights = workdir / "model.pt"
+    torch.save(spec.build().state_dict(), weights)
+    config = PostprocessConfig()
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    print("| pool images | plain loop img/s | Ray Data img/s | ratio |")
+    print("|---|---|---|---|")
+    seconds = {}
+    for count in sizes:
+        manifest = write_pool(workdir / f"pool{count}", count, 48)
+        model = scoring.load_model(spec, str(weights))
+        start = time.perf_counter()
+        plain = scoring.score_table(model, read_manifest(manifest), batch_size=32, config=config)
+        loop_rate = count / (time.perf_counter() - start)
+        start = time.perf_counter()
+        out = score_pool(
+            manifest_uri=manifest,
+            weights_uri=str(weights),
+            out_uri=str(workdir / f"scores{count}"),
+            spec=spec,
+            postprocess=config,
+            batch_size=32,
+            rows_per_block=500,
+        )
+        ray_rate = count / (time.perf_counter() - start)
+        assert scoring.read_scores(out).num_rows == plain.num_rows == count
+        seconds[count] = (count / loop_rate, count / ray_rate)
+        print(f"| {count} | {loop_rate:.0f} | {ray_rate:.0f} | {ray_rate / loop_rate:.2f} |")
+    ray.shutdown()
+    if len(sizes) > 1:  # the rate of the extra images: Ray Data's fixed start-up cost (~10 s) cancels out
+        small, large = min(sizes), max(sizes)
+        loop_rate = (large - small) / (seconds[large][0] - seconds[small][0])
+        ray_rate = (large - small) / (seconds[large][1] - seconds[small][1])
+        print(f"| marginal {small}->{large} | {loop_rate:.0f} | {ray_rate:.0f} | {ray_rate / loop_rate:.2f} |")
+
+
+def bench_reduce(rows: int, budget: int = 1000) -> None:
+    rng = np.random.default_rng(0)
+    n_det = rng.integers(0, 6, rows)
+    columns = {
+        "image_id": pa.array(np.char.add("img-", np.arange(rows).astype(str)).astype(object)),
+        "n_det": pa.array(n_det),
+    }
+    for term in acquisition.TERMS:
+        maxima = rng.random(rows)
+        columns[f"{term}_max"] = pa.array(np.where(n_det > 0, maxima, -np.inf))
+        columns[f"{term}_sum"] = pa.array(maxima * n_det * 0.7)
+        columns[f"{term}_sumsq"] = pa.array(maxima * maxima * n_det * 0.6)
+    columns["entropy_max"] = pa.array(rng.random(rows))
+    columns["error"] = pa.nulls(rows, pa.string())
+    columns["worker"] = pa.nulls(rows, pa.string())
+    table = pa.table(columns).cast(scoring.SCORE_SCHEMA)
+    del columns
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    start = time.perf_counter()
+    selection = scoring.select_from_scores(table, budget)
+    seconds = time.perf_counter() - start
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    print(
+        f"\nreduce + selection of {budget} over {rows:,} rows: {seconds:.2f} s; process peak RSS {peak:.2f} GB "
+        f"(the input table alone: {table.nbytes / 1e9:.2f} GB; peak before the reduce {before:.2f} GB)"
+    )
+    assert len(selection.image_ids) == budget
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
+    parser.add_argument("--image-size", type=int, default=96, help="model input side")
+    parser.add_argument("--reduce-rows", type=int, default=10_000_000)
+    args = parser.parse_args()
+    print(f"# bench/scoring.py — {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    bench_reduce(args.reduce_rows)  # first, so that the peak memory it reports is not Ray's
+    with tempfile.TemporaryDirectory() as folder:
+        bench_throughput(args.sizes, args.image_size, Path(folder))
+
+
+if __name__ == "__main__":
+    main()
