@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -97,6 +97,22 @@ def read_scores(folder: str) -> pa.Table:
     return pa.concat_tables([t.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA) for t in tables])
 
 
+class _LazyColumns(Mapping):
+    """Arrow columns as numpy on access, not kept: the reduce holds one column copy at a time."""
+
+    def __init__(self, table: pa.Table):
+        self.table = table
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.table.column(name).to_numpy()
+
+    def __iter__(self):
+        return iter(self.table.column_names)
+
+    def __len__(self) -> int:
+        return self.table.num_columns
+
+
 def select_from_scores(
     scores: pa.Table, budget: int, *, strategy: str = "almdn", seed: int = 0, exclude: Sequence[str] = ()
 ) -> acquisition.Selection:
@@ -113,7 +129,6 @@ def select_from_scores(
     if pc.count_distinct(ids).as_py() != scores.num_rows:
         raise ValueError("score rows repeat an image id: an image was scored twice; delete the scores and rerun")
     order = pc.sort_indices(ids).to_numpy()
-    columns = {name: scores.column(name).to_numpy() for name in acquisition.summary_columns()}
-    rows, values = acquisition.select_rows(order, columns, budget, strategy=strategy, seed=seed)
+    rows, values = acquisition.select_rows(order, _LazyColumns(scores), budget, strategy=strategy, seed=seed)
     chosen = np.asarray(pc.take(ids, pa.array(rows)).to_pylist(), dtype=object)
     return acquisition.Selection(chosen, values, np.arange(rows.shape[0]))

@@ -1,0 +1,217 @@
+"""The job spec: frozen dataclasses read from YAML, rejecting unknown keys and bad values by name."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from almdn_ray import acquisition
+from almdn_ray.model.detector import PRESETS
+from almdn_ray.model.postprocess import PostprocessConfig
+from almdn_ray.training import TrainRecipe
+
+__all__ = ["SpecError", "JobSpec", "load_spec", "spec_to_dict", "spec_from_dict", "diff_specs"]
+
+SPEC_VERSION = 1
+
+
+class SpecError(ValueError):
+    """A job spec that cannot be used; the message names the file, the key and the fix."""
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    uri: str = "runs/quickstart"  # local path, file:// or s3://bucket/prefix
+    endpoint: str | None = None  # S3-compatible endpoint (MinIO, Ceph); default: AWS_ENDPOINT_URL
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    train: str = "data/demo/pool.json"  # the pool: COCO JSON or VOC devkit folder
+    test: str = "data/demo/test.json"
+    train_split: str | None = None  # VOC: ImageSets/Main/<split>.txt (default trainval)
+    test_split: str | None = None  # VOC: default test
+    image_root: str | None = None  # COCO: folder the file_names are relative to
+    classes: list[str] | None = None  # VOC: class names (default: the 20 VOC classes)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "ssdlite320_mobilenet_v3"
+    num_components: int = 4
+    anchor_set: str = "voc"
+    image_size: int | None = None
+    backbone_weights: str | None = None
+    width_mult: float = 1.0
+
+    def __post_init__(self):
+        if self.preset not in PRESETS:
+            raise ValueError(f"model.preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
+        if self.num_components < 1:
+            raise ValueError(f"model.num_components must be >= 1, got {self.num_components}")
+
+
+@dataclass(frozen=True)
+class AcquisitionSpec:
+    strategy: str = "almdn"
+    initial_labeled: int = 100
+    budget: int = 100
+    cycles: int = 4
+    score_threshold: float = 0.01
+    nms_iou: float = 0.45
+    max_per_class: int = 200
+    min_confidence: float = 0.5
+
+    def __post_init__(self):
+        if self.strategy not in acquisition.STRATEGIES:
+            raise ValueError(
+                f"acquisition.strategy: unknown {self.strategy!r}; choose one of {sorted(acquisition.STRATEGIES)}"
+            )
+        for name in ("initial_labeled", "budget", "cycles"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"acquisition.{name} must be >= 1, got {getattr(self, name)}")
+        self.postprocess()
+
+    def postprocess(self) -> PostprocessConfig:
+        return PostprocessConfig(
+            score_threshold=self.score_threshold,
+            nms_iou=self.nms_iou,
+            max_per_class=self.max_per_class,
+            min_confidence=self.min_confidence,
+        )
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    mode: str = "simulate"  # simulate: reveal the dataset's labels; human: export, wait, import
+
+    def __post_init__(self):
+        if self.mode not in ("simulate", "human"):
+            raise ValueError(f"labels.mode must be 'simulate' or 'human', got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    num_workers: int = 1  # Ray Train workers
+    use_gpu: bool = False  # one GPU per training worker and per scoring actor
+    scoring_actors: int | None = None  # default: one per GPU (use_gpu) or per CPU
+    scoring_batch_size: int = 16
+    eval_batch_size: int = 16
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ValueError(f"resources.num_workers must be >= 1, got {self.num_workers}")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    version: int = SPEC_VERSION
+    name: str = "quickstart"
+    seed: int = 0
+    storage: StorageSpec = field(default_factory=StorageSpec)
+    dataset: DatasetSpec = field(default_factory=DatasetSpec)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainRecipe = field(default_factory=TrainRecipe)
+    warm_start: bool = False  # start each cycle from the previous cycle's model instead of the backbone
+    acquisition: AcquisitionSpec = field(default_factory=AcquisitionSpec)
+    labels: LabelSpec = field(default_factory=LabelSpec)
+    resources: ResourceSpec = field(default_factory=ResourceSpec)
+
+    def __post_init__(self):
+        if self.version != SPEC_VERSION:
+            raise ValueError(f"version: this almdn-ray reads job spec version {SPEC_VERSION}, got {self.version}")
+
+
+def _build(cls, data: Any, where: str):
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        section = f"{where}: " if where else ""
+        raise SpecError(f"{section}unknown key(s) {unknown}; known keys here: {sorted(known)} (check the spelling)")
+    values = {}
+    for name, value in data.items():
+        values[name] = _convert(hints[name], value, f"{where}.{name}" if where else name)
+    try:
+        return cls(**values)
+    except SpecError:
+        raise
+    except (TypeError, ValueError) as error:
+        text = str(error)
+        raise SpecError(text if where and text.startswith(f"{where}.") else f"{where or 'job'}: {text}") from error
+
+
+def _convert(hint, value, where: str):
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _convert(inner, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise SpecError(f"{where}: expected a list, got {value!r}")
+        return origin(_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise SpecError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is float:
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise SpecError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint in (int, str) and not (isinstance(value, hint) and not isinstance(value, bool)):
+        raise SpecError(f"{where}: expected {'an integer' if hint is int else 'a string'}, got {value!r}")
+    return value
+
+
+def spec_from_dict(data: dict, source: str = "job spec") -> JobSpec:
+    try:
+        return _build(JobSpec, data, "")
+    except SpecError as error:
+        raise SpecError(f"{source}: {error}") from error
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a job spec YAML; every problem is a :class:`SpecError` naming the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: job spec not found; give the path of a YAML file such as jobs/quickstart.yaml")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML ({error})") from error
+    return spec_from_dict(data, str(path))
+
+
+def spec_to_dict(spec: JobSpec) -> dict:
+    def plain(value):
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(spec))
+
+
+def diff_specs(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two spec dicts."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += diff_specs(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
