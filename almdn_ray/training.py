@@ -8,13 +8,13 @@ import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from almdn_ray import engine
 from almdn_ray.model.detector import ModelSpec
@@ -133,6 +133,51 @@ def _checksum(model: nn.Module) -> float:
         return float(sum(p.double().sum() for p in model.parameters()).item())
 
 
+def _mix(*values: int) -> int:
+    """A seed from several integers (stable across processes and runs)."""
+    seed = 0x9E3779B1
+    for value in values:
+        seed = (seed * 1_000_003 + int(value) + 1) % (2**63 - 1)
+    return seed
+
+
+class _Seeded(Dataset):
+    """Seeds torch before each sample so that its augmentation depends only on (seed, epoch, index)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, sample_seed = key
+        torch.manual_seed(sample_seed)
+        return self.dataset[index]
+
+
+class _BatchOrder(Sampler):
+    """This rank's batches from ``start_iteration`` on, forever: epoch e is a permutation seeded by (seed, e),
+    dealt to ranks in turn; each index carries its own augmentation seed. Resuming at iteration i yields
+    exactly the batches an uninterrupted run would have seen from i."""
+
+    def __init__(self, size: int, per_rank: int, world_size: int, rank: int, seed: int, start_iteration: int):
+        self.size, self.per_rank, self.world_size, self.rank = size, per_rank, world_size, rank
+        self.seed, self.start = seed, start_iteration
+        self.per_epoch = (size // world_size) // per_rank
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        iteration = self.start
+        while True:
+            epoch, position = divmod(iteration, self.per_epoch)
+            generator = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            mine = torch.randperm(self.size, generator=generator)[self.rank :: self.world_size].tolist()
+            for batch in range(position, self.per_epoch):
+                indices = mine[batch * self.per_rank : (batch + 1) * self.per_rank]
+                yield [(i, _mix(self.seed, epoch, i)) for i in indices]
+                iteration += 1
+
+
 def train_worker(
     *,
     spec: ModelSpec,
@@ -170,24 +215,20 @@ def train_worker(
         logger.info("rank %d: resumed from the checkpoint at iteration %d", context.rank, iteration)
     good = copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "iteration": iteration})
     start_iteration = iteration
-    sampler = DistributedSampler(
-        dataset,
-        num_replicas=context.world_size,
-        rank=context.rank,
-        shuffle=True,
-        seed=recipe.seed,
-        drop_last=len(dataset) >= context.world_size,
-    )
-    loader = DataLoader(
-        dataset,
-        batch_size=per_rank,
-        sampler=sampler,
-        collate_fn=engine.collate,
-        num_workers=recipe.data_workers,
-        drop_last=len(dataset) >= recipe.batch_size,
-    )
-    if len(loader) == 0:
+    batches_per_epoch = (len(dataset) // context.world_size) // per_rank
+    if batches_per_epoch == 0:
         raise ValueError(f"{len(dataset)} training images give no batch of {per_rank} per worker")
+
+    def loader_from(start: int) -> Iterator:
+        order = _BatchOrder(
+            len(dataset), per_rank, context.world_size, context.rank, recipe.seed + 1000 * restarts, start
+        )
+        return iter(
+            DataLoader(
+                _Seeded(dataset), batch_sampler=order, collate_fn=engine.collate, num_workers=recipe.data_workers
+            )
+        )
+
     history: list[float] = []
     window: dict[str, list[float]] = {"loss": [], "loc": [], "cls": []}
     initial_loss: float | None = None
@@ -204,9 +245,11 @@ def train_worker(
             {**checkpoint, "restarts": restarts} if context.rank == 0 else None,
         )
     while iteration < recipe.max_iterations:
-        sampler.set_epoch(iteration // len(loader) + 1000 * restarts)
         diverged = False
-        for images, targets in loader:
+        batches = loader_from(iteration)
+        while iteration < recipe.max_iterations:
+            images, targets = next(batches)
+            torch.manual_seed(_mix(recipe.seed, restarts, iteration))  # the loss's sampling noise, per iteration
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(recipe, iteration)
             batch = (images.to(context.device), [{k: v.to(context.device) for k, v in t.items()} for t in targets])
@@ -226,7 +269,10 @@ def train_worker(
             if iteration % recipe.checkpoint_every == 0 or iteration == recipe.max_iterations:
                 if iteration == recipe.max_iterations and recipe.precise_bn_batches:
                     engine.recalibrate_batch_norm(
-                        model, loader, num_batches=recipe.precise_bn_batches, device=context.device
+                        model,
+                        (next(batches) for _ in range(recipe.precise_bn_batches)),
+                        num_batches=recipe.precise_bn_batches,
+                        device=context.device,
                     )
                 state = {
                     "model": model.state_dict(),
@@ -249,8 +295,6 @@ def train_worker(
                 good = copy.deepcopy(state)
                 window = {k: [] for k in window}
                 window_start = time.perf_counter()
-            if iteration >= recipe.max_iterations:
-                break
         if not diverged:
             continue
         restarts += 1

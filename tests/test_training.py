@@ -91,3 +91,23 @@ def test_warm_start_begins_from_given_weights():
     )
     name = "head.box_head.module_list.0.1.weight"
     torch.testing.assert_close(model.state_dict()[name], weights[name], atol=1e-6, rtol=0)
+
+
+def test_resuming_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
+    from almdn_ray.data.transforms import DetectionDataset, train_transform
+    from tests.distributed.helpers import SIZE, write_scenes
+
+    spec = ModelSpec(preset="ssdlite320_mobilenet_v3", num_classes=3, image_size=SIZE)
+    records = write_scenes(tmp_path, 6)
+    augmented = DetectionDataset(records, train_transform(SIZE))  # random crops, flips, colour: all seeded
+    whole = LocalContext()
+    straight = train_worker(spec=spec, dataset=augmented, recipe=recipe(max_iterations=8, checkpoint_every=2,
+                                                                         precise_bn_batches=2), context=whole)
+    halves = LocalContext()
+    train_worker(spec=spec, dataset=augmented, recipe=recipe(max_iterations=5, checkpoint_every=2), context=halves)
+    assert halves.checkpoint["iteration"] == 5
+    resumed = train_worker(spec=spec, dataset=augmented, recipe=recipe(max_iterations=8, checkpoint_every=2,
+                                                                        precise_bn_batches=2), context=halves)
+    assert halves.reports[-1]["start_iteration"] == 5
+    for name, value in straight.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)

@@ -1,0 +1,274 @@
+"""The stage machine of an active-learning run: TRAIN -> EVAL -> SCORE -> SELECT -> LABEL, per cycle.
+
+Every stage is an idempotent function of its inputs that writes its outputs under ``cycles/NNN/`` before
+the state record moves on in one atomic write; a stage whose outputs exist is not redone. The heavy stages
+are functions the caller passes in (:class:`StageFunctions`): the CLI passes the Ray ones, tests may pass
+local ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+
+from almdn_ray import scoring, storage
+from almdn_ray.config import JobSpec, SpecError, diff_specs, spec_from_dict, spec_to_dict
+from almdn_ray.data.manifest import read_manifest, rows_from_dataset, write_manifest
+from almdn_ray.data.records import Dataset, ImageRecord
+from almdn_ray.data.validate import read_dataset
+from almdn_ray.model.detector import ModelSpec
+from almdn_ray.state import Lease, RunState, load_state, save_state
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["StageFunctions", "RunLayout", "Driver", "model_spec", "labeled_ids"]
+
+
+@dataclass(frozen=True)
+class StageFunctions:
+    """The heavy work of a cycle.
+
+    ``train(records, spec, job, storage_uri, run_name, init_weights_uri) -> model_uri``;
+    ``score(manifest_uri, weights_uri, out_uri, spec, job) -> None``;
+    ``evaluate(weights_uri, dataset, spec, job) -> metrics dict``.
+    """
+
+    train: Callable[..., str]
+    score: Callable[..., None]
+    evaluate: Callable[..., dict]
+
+
+class RunLayout:
+    """File names of a run folder (DESIGN section 3)."""
+
+    def __init__(self, run: str):
+        self.run = run
+        self.job = storage.join(run, "job.yaml")
+        self.pool = storage.join(run, "pool")
+        self.report = storage.join(run, "report")
+
+    def cycle(self, k: int, *parts: str) -> str:
+        return storage.join(self.run, "cycles", f"{k:03d}", *parts)
+
+
+def model_spec(job: JobSpec, num_classes: int) -> ModelSpec:
+    m = job.model
+    return ModelSpec(
+        preset=m.preset,
+        num_classes=num_classes,
+        num_components=m.num_components,
+        anchor_set=m.anchor_set,
+        image_size=m.image_size,
+        backbone_weights=m.backbone_weights,
+        width_mult=m.width_mult,
+    )
+
+
+def labeled_ids(layout: RunLayout, k: int) -> list[str]:
+    return storage.read_parquet(layout.cycle(k, "labeled.parquet")).column("image_id").to_pylist()
+
+
+class Driver:
+    """Carries a run through its cycles; resumable at any point, one driver per run (a lease)."""
+
+    def __init__(self, job: JobSpec, functions: StageFunctions, *, progress: Callable[[str], None] | None = None):
+        self.job = job
+        self.functions = functions
+        self.layout = RunLayout(job.storage.uri)
+        self.progress = progress or (lambda message: None)
+        self._pool: Dataset | None = None
+        self._test: Dataset | None = None
+
+    # ---- inputs -------------------------------------------------------------------------------------------
+    @property
+    def pool(self) -> Dataset:
+        if self._pool is None:
+            d = self.job.dataset
+            self._pool = read_dataset(d.train, split=d.train_split, classes=d.classes, image_root=d.image_root)
+        return self._pool
+
+    @property
+    def test(self) -> Dataset:
+        if self._test is None:
+            d = self.job.dataset
+            self._test = read_dataset(d.test, split=d.test_split or "test", classes=d.classes, image_root=d.image_root)
+        return self._test
+
+    @property
+    def spec(self) -> ModelSpec:
+        return model_spec(self.job, self.pool.num_classes)
+
+    def _freeze_job(self) -> None:
+        current = spec_to_dict(self.job)
+        if storage.exists(self.layout.job):
+            started = yaml.safe_load(storage.read_bytes(self.layout.job))
+            changed = diff_specs(started, current)
+            if changed:
+                raise SpecError(
+                    f"{self.layout.job}: the run was started with a different job spec; changed keys: "
+                    f"{changed}. Restore them, or give a new storage.uri for a new run"
+                )
+            spec_from_dict(started, self.layout.job)
+        else:
+            storage.write_bytes(self.layout.job, yaml.safe_dump(current, sort_keys=False).encode())
+
+    # ---- the machine ---------------------------------------------------------------------------------------
+    def run(self) -> RunState:
+        """Run until the last cycle is evaluated, or until human labels are needed."""
+        self._freeze_job()
+        lease = Lease(self.layout.run)
+        lease.acquire()
+        try:
+            state = load_state(self.layout.run) or RunState(run_id=uuid.uuid4().hex[:12])
+            if state.status == "finished":
+                self.progress(f"run {state.run_id} is already finished")
+                return state
+            self._prepare()
+            state.status = "running"
+            while state.status == "running":
+                stage = state.stage
+                self.progress(f"cycle {state.cycle}: {stage}")
+                start = time.perf_counter()
+                finished = getattr(self, f"_{stage}")(state.cycle)
+                if not finished:
+                    state.status = "awaiting_labels"
+                    save_state(self.layout.run, state)
+                    self.progress(f"cycle {state.cycle}: waiting for labels (almdn-ray labels export/import)")
+                    break
+                state.done(
+                    stage, time.perf_counter() - start, last_cycle=state.cycle >= self.job.acquisition.cycles - 1
+                )
+                save_state(self.layout.run, state)
+                pause = os.environ.get("ALMDN_RAY_PAUSE_AFTER_STAGE")  # crash-recovery tests kill the driver here
+                if pause == stage:
+                    time.sleep(float(os.environ.get("ALMDN_RAY_PAUSE_S", "30")))
+            return state
+        finally:
+            lease.release()
+
+    def _prepare(self) -> None:
+        if (
+            not storage.list_files(self.layout.run, pattern="pool/manifest-*.parquet")
+            if storage.exists(self.layout.pool)
+            else True
+        ):
+            write_manifest(rows_from_dataset(self.pool), self.layout.pool)
+        first = self.layout.cycle(0, "labeled.parquet")
+        if not storage.exists(first):
+            ids = sorted(r.image_id for r in self.pool.records)
+            size = min(self.job.acquisition.initial_labeled, len(ids))
+            chosen = np.random.default_rng(self.job.seed).choice(len(ids), size=size, replace=False)
+            storage.write_parquet(first, pa.table({"image_id": sorted(ids[i] for i in chosen)}))
+            logger.info("initial labelled set: %d random images (seed %d)", size, self.job.seed)
+
+    def training_records(self, k: int) -> list[ImageRecord]:
+        """Ground truth of the images labelled at the start of cycle ``k``."""
+        wanted = set(labeled_ids(self.layout, k))
+        by_id = {r.image_id: r for r in self.pool.records}
+        if self.job.labels.mode == "human":
+            for j in range(k):
+                from almdn_ray.labels import read_imported
+
+                by_id.update(read_imported(self.layout, j, by_id))
+        return [by_id[i] for i in sorted(wanted)]
+
+    def _train(self, k: int) -> bool:
+        model = self.layout.cycle(k, "train", "model.pt")
+        if storage.exists(model):
+            return True
+        init = self.layout.cycle(k - 1, "train", "model.pt") if self.job.warm_start and k > 0 else None
+        records = self.training_records(k)
+        self.progress(f"cycle {k}: training on {len(records)} labelled images")
+        self.functions.train(records, self.spec, self.job, self.layout.cycle(k, "train"), f"cycle-{k:03d}", init)
+        return True
+
+    def _eval(self, k: int) -> bool:
+        out = self.layout.cycle(k, "metrics.json")
+        if not storage.exists(out):
+            metrics = self.functions.evaluate(self.layout.cycle(k, "train", "model.pt"), self.test, self.spec, self.job)
+            metrics["labeled"] = len(labeled_ids(self.layout, k))
+            metrics["cycle"] = k
+            storage.write_json(out, metrics)
+            self.progress(
+                f"cycle {k}: VOC07 mAP {metrics.get('map_voc07', float('nan')):.4f} with "
+                f"{metrics['labeled']} labelled images"
+            )
+        return True
+
+    def _score(self, k: int) -> bool:
+        done = self.layout.cycle(k, "scores", "_SUCCESS")
+        if storage.exists(done):
+            return True
+        labeled = pa.array(labeled_ids(self.layout, k), pa.string())
+        pool = read_manifest(self.layout.pool)
+        unlabeled = pool.filter(pc.invert(pc.is_in(pool.column("image_id"), labeled)))
+        manifest = self.layout.cycle(k, "unlabeled")
+        storage.delete(manifest)
+        write_manifest(zip(*(unlabeled.column(c).to_pylist() for c in unlabeled.column_names)), manifest)
+        self.functions.score(
+            manifest, self.layout.cycle(k, "train", "model.pt"), self.layout.cycle(k, "scores"), self.spec, self.job
+        )
+        storage.write_bytes(done, b"")
+        return True
+
+    def _select(self, k: int) -> bool:
+        out = self.layout.cycle(k, "selected.parquet")
+        if storage.exists(out):
+            return True
+        scores = scoring.read_scores(self.layout.cycle(k, "scores"))
+        selection = scoring.select_from_scores(
+            scores,
+            self.job.acquisition.budget,
+            strategy=self.job.acquisition.strategy,
+            seed=self.job.seed + k,
+            exclude=labeled_ids(self.layout, k),
+        )
+        storage.write_parquet(
+            out,
+            pa.table(
+                {
+                    "image_id": pa.array(selection.image_ids.tolist(), pa.string()),
+                    "score": selection.scores,
+                    "rank": selection.ranks,
+                }
+            ),
+        )
+        self.progress(f"cycle {k}: selected {len(selection.image_ids)} images")
+        return True
+
+    def _label(self, k: int) -> bool:
+        out = self.layout.cycle(k + 1, "labeled.parquet")
+        if storage.exists(out):
+            return True
+        if self.job.labels.mode == "human" and not storage.exists(self.layout.cycle(k, "labels.json")):
+            return False
+        before = labeled_ids(self.layout, k)
+        selected = storage.read_parquet(self.layout.cycle(k, "selected.parquet")).column("image_id").to_pylist()
+        twice = set(before) & set(selected)
+        if twice:
+            raise RuntimeError(
+                f"cycle {k}: {len(twice)} selected images are already labelled, e.g. {sorted(twice)[:3]}"
+            )
+        storage.write_parquet(out, pa.table({"image_id": sorted(before + selected)}))
+        return True
+
+
+def with_storage(job: JobSpec, uri: str) -> JobSpec:
+    return replace(job, storage=replace(job.storage, uri=uri))
+
+
+def local_evaluate(weights_uri: str, dataset: Dataset, spec: ModelSpec, job: JobSpec) -> dict:
+    """EVAL in the driver process: VOC and COCO AP of the cycle's model on the test split."""
+    from almdn_ray.evaluation import evaluate
+
+    model = scoring.load_model(spec, weights_uri)
+    return evaluate(model, dataset, batch_size=job.resources.eval_batch_size)
