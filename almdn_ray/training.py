@@ -31,6 +31,7 @@ class TrainRecipe:
 
     max_iterations: int = 120_000
     batch_size: int = 32  # in total, across workers
+    optimizer: str = "sgd"  # "sgd" (the paper) | "adam" (converges faster from scratch, for small demos)
     lr: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -53,6 +54,8 @@ class TrainRecipe:
         for name in ("max_iterations", "batch_size", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"train.optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
         if self.lr <= 0:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if list(self.lr_steps) != sorted(self.lr_steps):
@@ -125,6 +128,8 @@ def _fresh(spec: ModelSpec, recipe: TrainRecipe, init_weights: dict | None, seed
 
 def _optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
+    if recipe.optimizer == "adam":
+        return torch.optim.Adam(params, lr=recipe.lr)
     return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 

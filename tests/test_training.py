@@ -101,13 +101,21 @@ def test_resuming_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     records = write_scenes(tmp_path, 6)
     augmented = DetectionDataset(records, train_transform(SIZE))  # random crops, flips, colour: all seeded
     whole = LocalContext()
-    straight = train_worker(spec=spec, dataset=augmented, recipe=recipe(max_iterations=8, checkpoint_every=2,
-                                                                         precise_bn_batches=2), context=whole)
+    straight = train_worker(
+        spec=spec,
+        dataset=augmented,
+        recipe=recipe(max_iterations=8, checkpoint_every=2, precise_bn_batches=2),
+        context=whole,
+    )
     halves = LocalContext()
     train_worker(spec=spec, dataset=augmented, recipe=recipe(max_iterations=5, checkpoint_every=2), context=halves)
     assert halves.checkpoint["iteration"] == 5
-    resumed = train_worker(spec=spec, dataset=augmented, recipe=recipe(max_iterations=8, checkpoint_every=2,
-                                                                        precise_bn_batches=2), context=halves)
+    resumed = train_worker(
+        spec=spec,
+        dataset=augmented,
+        recipe=recipe(max_iterations=8, checkpoint_every=2, precise_bn_batches=2),
+        context=halves,
+    )
     assert halves.reports[-1]["start_iteration"] == 5
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)

@@ -73,6 +73,7 @@ class RayTrainContext:
 
 def _worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO)
+    torch.set_num_threads(config["threads"])
     spec, recipe = ModelSpec(**config["spec"]), TrainRecipe(**config["recipe"])
     size = spec.input_size
     transform = train_transform(size, flip=recipe.flip) if recipe.augment else eval_transform(size)
@@ -118,6 +119,7 @@ def train_distributed(
         init_weights_uri: a ``state_dict`` to start from (warm start from the previous cycle's model).
     """
     fs, path = storage.resolve(storage_uri, endpoint=endpoint)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // num_workers))  # each worker's share of the CPUs
     trainer = ray.train.torch.TorchTrainer(
         _worker,
         train_loop_config={
@@ -125,9 +127,14 @@ def train_distributed(
             "recipe": asdict(recipe),
             "records": records,
             "init_weights": init_weights_uri,
+            "threads": cpus,
         },
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})},
+        ),
         run_config=ray.train.RunConfig(
             name=run_name,
             storage_path=path,

@@ -1,0 +1,99 @@
+"""Ray Jobs glue: submit a run to a cluster, follow it, read its logs, stop it (token auth supported)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ray.job_submission import JobStatus, JobSubmissionClient
+
+from almdn_ray.config import load_spec
+from almdn_ray.distributed.stages import _FORWARDED
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["resolve_token", "client", "submit_job", "wait_for", "job_logs", "stop_job"]
+
+TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
+
+
+def resolve_token(token: str | None) -> str | None:
+    """The Ray auth token: the argument, ``RAY_AUTH_TOKEN``, or ``~/.ray/auth_token`` (as Ray writes it)."""
+    if token:
+        return token
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"]
+    path = Path.home() / ".ray" / "auth_token"
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "disabled" and path.is_file():
+        return path.read_text().strip() or None
+    return None
+
+
+def client(address: str, token: str | None = None) -> JobSubmissionClient:
+    token = resolve_token(token)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except Exception as error:  # Ray raises ConnectionError, RuntimeError … depending on what failed
+        raise ConnectionError(
+            f"cannot reach the Ray job server at {address} ({error}); check --address (the "
+            "dashboard URL, e.g. http://head:8265) and, with token auth, RAY_AUTH_TOKEN"
+        ) from error
+
+
+def submit_job(
+    job_file: str | Path, address: str, *, token: str | None = None, submission_id: str | None = None
+) -> str:
+    """Send the driver to the cluster as a Ray Job running ``python -m almdn_ray run job.yaml``.
+
+    The job spec travels in the job's working directory; the package itself must already be installed on
+    the cluster (see cluster/). Paths in the spec are read on the cluster: use absolute paths or ``s3://``.
+    """
+    spec = load_spec(job_file)  # refuse a bad spec before it reaches the cluster
+    folder = tempfile.mkdtemp(prefix="almdn-ray-job-")
+    shutil.copy(job_file, os.path.join(folder, "job.yaml"))
+    env = {k: os.environ[k] for k in _FORWARDED if k in os.environ}
+    job_id = client(address, token).submit_job(
+        entrypoint="python -m almdn_ray run job.yaml",
+        runtime_env={"working_dir": folder, **({"env_vars": env} if env else {})},
+        submission_id=submission_id,
+        metadata={"almdn_ray_run": spec.storage.uri, "almdn_ray_name": spec.name},
+    )
+    logger.info("submitted %s as Ray job %s", job_file, job_id)
+    return job_id
+
+
+def wait_for(
+    job_id: str,
+    address: str,
+    *,
+    token: str | None = None,
+    timeout_s: float | None = None,
+    on_status: Callable[[str], None] | None = None,
+) -> str:
+    """Poll until the job ends; returns its final status."""
+    jobs = client(address, token)
+    start, last = time.time(), None
+    while True:
+        status = jobs.get_job_status(job_id)
+        if status != last and on_status is not None:
+            on_status(str(status))
+        last = status
+        if status in TERMINAL:
+            return str(status)
+        if timeout_s is not None and time.time() - start > timeout_s:
+            raise TimeoutError(f"Ray job {job_id} still {status} after {timeout_s:.0f} s")
+        time.sleep(1.0)
+
+
+def job_logs(job_id: str, address: str, *, token: str | None = None) -> str:
+    return client(address, token).get_job_logs(job_id)
+
+
+def stop_job(job_id: str, address: str, *, token: str | None = None) -> bool:
+    return client(address, token).stop_job(job_id)

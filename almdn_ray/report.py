@@ -1,0 +1,169 @@
+"""Run status (from storage alone) and the report: learning curve, per-cycle table, most uncertain images."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import yaml
+
+from almdn_ray import storage
+from almdn_ray.cycle import RunLayout
+from almdn_ray.state import load_state
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["run_status", "write_report"]
+
+
+def run_status(run: str) -> dict:
+    """Cycles, stages, labelled counts and metrics of a run, read from its storage (no cluster needed)."""
+    state = load_state(run)
+    if state is None:
+        raise FileNotFoundError(f"{run}: no run here (no state.json); check the storage URI")
+    layout = RunLayout(run)
+    cycles = []
+    for k in range(state.cycle + 1):
+        entry = {"cycle": k, "stages_done": [h["stage"] for h in state.history if h["cycle"] == k]}
+        if storage.exists(layout.cycle(k, "labeled.parquet")):
+            entry["labeled"] = storage.read_parquet(layout.cycle(k, "labeled.parquet")).num_rows
+        if storage.exists(layout.cycle(k, "metrics.json")):
+            metrics = storage.read_json(layout.cycle(k, "metrics.json"))
+            entry.update(
+                map_voc07=metrics.get("map_voc07"),
+                map_area=metrics.get("map_area"),
+                coco_ap=metrics.get("coco", {}).get("AP"),
+            )
+        cycles.append(entry)
+    return {
+        "run_id": state.run_id,
+        "status": state.status,
+        "cycle": state.cycle,
+        "stage": state.stage,
+        "cycles": cycles,
+    }
+
+
+def _curve(rows: list[dict]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
+    axis.plot([r["labeled"] for r in rows], [r["map_voc07"] for r in rows], marker="o", label="VOC07 mAP")
+    axis.plot([r["labeled"] for r in rows], [r["map_area"] for r in rows], marker="s", label="area mAP")
+    axis.set_xlabel("labelled images")
+    axis.set_ylabel("mAP (IoU 0.5)")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _uncertain_pictures(run: str, layout: RunLayout, count: int) -> list[tuple[str, str]]:
+    """Draw the top selected images of the latest selection with their detections and uncertainties."""
+    from PIL import Image, ImageDraw
+
+    from almdn_ray import engine, scoring
+    from almdn_ray.config import spec_from_dict
+    from almdn_ray.cycle import model_spec
+    from almdn_ray.data.images import read_image
+    from almdn_ray.data.manifest import read_manifest
+    from almdn_ray.data.transforms import eval_transform
+
+    state = load_state(run)
+    cycles = [k for k in range(state.cycle + 1) if storage.exists(layout.cycle(k, "selected.parquet"))]
+    if not cycles:
+        return []
+    k = cycles[-1]
+    job = spec_from_dict(yaml.safe_load(storage.read_bytes(layout.job)), layout.job)
+    classes = (
+        storage.read_json(layout.cycle(k, "metrics.json")).get("classes")
+        if storage.exists(layout.cycle(k, "metrics.json"))
+        else None
+    )
+    selected = storage.read_parquet(layout.cycle(k, "selected.parquet")).to_pylist()[:count]
+    manifest = {row["image_id"]: row for row in read_manifest(layout.pool).to_pylist()}
+    if not classes:
+        return []
+    model_path = layout.cycle(k, "train", "model.pt")
+    spec = model_spec(job, len(classes) + 1)
+    model = scoring.load_model(spec, model_path)
+    pictures = []
+    for row in selected:
+        entry = manifest[row["image_id"]]
+        image = read_image(entry["uri"])
+        (det,) = engine.predict(
+            model, eval_transform(model.image_size)(image)[None], config=job.acquisition.postprocess()
+        )
+        picture = Image.fromarray(image.permute(1, 2, 0).numpy()).convert("RGB")
+        draw = ImageDraw.Draw(picture)
+        sx, sy = entry["width"] / model.image_size, entry["height"] / model.image_size
+        for box, label, score, la, le, ca, ce in zip(
+            det.boxes.tolist(),
+            det.labels.tolist(),
+            det.scores.tolist(),
+            det.loc_al.tolist(),
+            det.loc_ep.tolist(),
+            det.cls_al.tolist(),
+            det.cls_ep.tolist(),
+        ):
+            x1, y1, x2, y2 = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
+            draw.rectangle([x1, y1, x2, y2], outline=(255, 255, 0), width=2)
+            name = classes[label - 1]
+            draw.text(
+                (x1 + 2, y1 + 2),
+                f"{name} {score:.2f}\nloc {la:.2f}/{le:.3f}\ncls {ca:.2f}/{ce:.3f}",
+                fill=(255, 255, 0),
+            )
+        uri = storage.join(layout.report, f"uncertain_{row['rank']:02d}.png")
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        storage.write_bytes(uri, buffer.getvalue())
+        pictures.append((uri, f"{row['image_id']} (score {row['score']:.2f}, {len(det.scores)} detections)"))
+    return pictures
+
+
+def write_report(run: str, *, pictures: int = 6) -> dict[str, str]:
+    """Write ``report/curve.png`` and ``report/report.md`` (and pictures of the most uncertain images)."""
+    layout = RunLayout(run)
+    status = run_status(run)
+    rows = [c for c in status["cycles"] if c.get("map_voc07") is not None]
+    if not rows:
+        raise FileNotFoundError(f"{run}: no evaluated cycle yet; the report needs at least one metrics.json")
+    curve = storage.join(layout.report, "curve.png")
+    storage.write_bytes(curve, _curve(rows))
+    lines = [
+        f"# almdn-ray report — run {status['run_id']}",
+        "",
+        f"Status: **{status['status']}** (cycle {status['cycle']}, next stage {status['stage']}).",
+        "",
+        "![mAP against labelled images](curve.png)",
+        "",
+        "| cycle | labelled images | VOC07 mAP | area mAP | COCO AP |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        coco = f"{r['coco_ap']:.4f}" if r.get("coco_ap") is not None else "–"
+        lines.append(f"| {r['cycle']} | {r['labeled']} | {r['map_voc07']:.4f} | {r['map_area']:.4f} | {coco} |")
+    try:
+        drawn = _uncertain_pictures(run, layout, pictures)
+    except Exception as error:  # pictures are a courtesy: a report without them is still a report
+        logger.warning("could not draw the most uncertain images: %s", error)
+        drawn = []
+    if drawn:
+        lines += [
+            "",
+            "## Most uncertain images of the latest selection",
+            "",
+            "Boxes: class, confidence; `loc` aleatoric/epistemic, `cls` aleatoric/epistemic.",
+            "",
+        ]
+        lines += [f"![{caption}]({uri.rsplit('/', 1)[-1]})  \n{caption}" for uri, caption in drawn]
+    markdown = storage.join(layout.report, "report.md")
+    storage.write_bytes(markdown, ("\n".join(lines) + "\n").encode())
+    return {"curve": curve, "markdown": markdown}

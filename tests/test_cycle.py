@@ -1,0 +1,189 @@
+"""The stage machine with local stand-ins for the heavy stages (the Ray ones are tested end to end elsewhere)."""
+
+import hashlib
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+
+from almdn_ray import acquisition, storage
+from almdn_ray.config import SpecError, spec_from_dict, spec_to_dict
+from almdn_ray.cycle import Driver, RunLayout, StageFunctions, labeled_ids
+from almdn_ray.data.demo import DemoConfig, build_demo
+from almdn_ray.labels import LabelImportError, export_labels, import_labels
+from almdn_ray.scoring import SCORE_SCHEMA
+from almdn_ray.state import Lease, LeaseError, load_state
+
+
+class Recorder:
+    """Stage functions that record their calls; scores are a fixed function of the image id."""
+
+    def __init__(self, fail_score_once=False):
+        self.calls, self.train_records, self.fail_score_once = [], [], fail_score_once
+
+    def train(self, records, spec, job, storage_uri, run_name, init):
+        self.calls.append(("train", run_name))
+        self.train_records.append(records)
+        storage.write_bytes(storage.join(storage_uri, "model.pt"), b"weights")
+        return storage.join(storage_uri, "model.pt")
+
+    def score(self, manifest, weights, out, spec, job):
+        self.calls.append(("score", out))
+        if self.fail_score_once:
+            self.fail_score_once = False
+            raise RuntimeError("worker lost")
+        from almdn_ray.data.manifest import read_manifest
+
+        ids = read_manifest(manifest).column("image_id").to_pylist()
+        values = np.array(
+            [[int(hashlib.md5(f"{i}{t}".encode()).hexdigest()[:6], 16) / 2**24 for t in range(4)] for i in ids]
+        )
+        rows = acquisition.summarize(np.arange(len(ids)), values, len(ids), values[:, 0])
+        table = pa.table({"image_id": ids, **rows, "error": [None] * len(ids), "worker": ["fake"] * len(ids)})
+        storage.write_parquet(storage.join(out, "part-0.parquet"), table.cast(SCORE_SCHEMA))
+
+    def evaluate(self, weights, dataset, spec, job):
+        self.calls.append(("eval", weights))
+        return {"map_voc07": 0.1, "map_area": 0.1, "coco": {"AP": 0.05}}
+
+    def functions(self):
+        return StageFunctions(train=self.train, score=self.score, evaluate=self.evaluate)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return build_demo(
+        tmp_path_factory.mktemp("demo"),
+        pool_images=40,
+        test_images=4,
+        config=DemoConfig(image_size=64, digit_size=(20, 40)),
+    )
+
+
+def job(demo, run, **acquisition_overrides):
+    data = {
+        "storage": {"uri": str(run)},
+        "dataset": {"train": str(demo["pool"]), "test": str(demo["test"])},
+        "acquisition": {"initial_labeled": 10, "budget": 5, "cycles": 3, **acquisition_overrides},
+    }
+    return spec_from_dict(data)
+
+
+def test_cycles_grow_the_labelled_set_without_repeats(demo, tmp_path):
+    recorder = Recorder()
+    state = Driver(job(demo, tmp_path), recorder.functions()).run()
+    assert state.status == "finished" and state.cycle == 2
+    layout = RunLayout(str(tmp_path))
+    sizes = [len(labeled_ids(layout, k)) for k in range(3)]
+    assert sizes == [10, 15, 20]
+    for k in range(2):
+        assert set(labeled_ids(layout, k)) < set(labeled_ids(layout, k + 1))
+    stages = [(h["cycle"], h["stage"]) for h in state.history]
+    assert stages == [
+        (0, "train"),
+        (0, "eval"),
+        (0, "score"),
+        (0, "select"),
+        (0, "label"),
+        (1, "train"),
+        (1, "eval"),
+        (1, "score"),
+        (1, "select"),
+        (1, "label"),
+        (2, "train"),
+        (2, "eval"),
+    ]
+    assert [len(r) for r in recorder.train_records] == [10, 15, 20]
+    assert storage.read_json(layout.cycle(2, "metrics.json"))["labeled"] == 20
+    again = Recorder()
+    assert Driver(job(demo, tmp_path), again.functions()).run().status == "finished" and again.calls == []
+
+
+def test_a_failed_stage_resumes_without_redoing_finished_ones(demo, tmp_path):
+    recorder = Recorder(fail_score_once=True)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        Driver(job(demo, tmp_path), recorder.functions()).run()
+    assert load_state(str(tmp_path)).stage == "score"
+    resumed = Recorder()
+    Driver(job(demo, tmp_path), resumed.functions()).run()
+    assert [c[0] for c in resumed.calls[:2]] == ["score", "train"]  # cycle 0's train and eval are not redone
+    reference = Recorder()
+    Driver(job(demo, tmp_path / "reference"), reference.functions()).run()
+    for k in range(3):
+        assert labeled_ids(RunLayout(str(tmp_path)), k) == labeled_ids(RunLayout(str(tmp_path / "reference")), k)
+
+
+def test_a_changed_spec_is_refused_with_the_keys(demo, tmp_path):
+    Driver(job(demo, tmp_path, cycles=1), Recorder().functions()).run()
+    with pytest.raises(SpecError, match=r"changed keys: \['acquisition.budget', 'acquisition.cycles'\]"):
+        Driver(job(demo, tmp_path, cycles=2, budget=7), Recorder().functions()).run()
+
+
+def test_a_second_driver_is_refused_and_an_expired_lease_taken_over(demo, tmp_path):
+    spec = job(demo, tmp_path, cycles=1)
+    lease_uri = storage.join(str(tmp_path), "lease.json")
+    storage.write_json(
+        lease_uri,
+        {"owner": "elsewhere:42:abc", "host": "elsewhere", "pid": 42, "expires_at": __import__("time").time() + 600},
+    )
+    with pytest.raises(LeaseError, match="owned by driver elsewhere:42:abc until"):
+        Driver(spec, Recorder().functions()).run()
+    storage.write_json(lease_uri, {"owner": "elsewhere:42:abc", "host": "elsewhere", "pid": 42, "expires_at": 0})
+    assert Driver(spec, Recorder().functions()).run().status == "finished"
+    assert not storage.exists(lease_uri)  # released at the end
+    live = Lease(str(tmp_path))
+    live.acquire()
+    try:
+        other = Lease(str(tmp_path))
+        other.host = "another-host"  # a driver elsewhere cannot see whether this process is alive
+        with pytest.raises(LeaseError, match="owned by driver"):
+            other.acquire()
+    finally:
+        live.release()
+
+
+def test_human_labelling_round_trip(demo, tmp_path):
+    spec = spec_from_dict({**spec_to_dict(job(demo, tmp_path, cycles=2)), "labels": {"mode": "human"}})
+    recorder = Recorder()
+    state = Driver(spec, recorder.functions()).run()
+    assert state.status == "awaiting_labels" and state.stage == "label"
+    driver = Driver(spec, recorder.functions())
+    json_uri, csv_uri = export_labels(str(tmp_path), driver.pool)
+    skeleton = storage.read_json(json_uri)
+    assert len(skeleton["images"]) == 5 and skeleton["annotations"] == []
+    assert storage.read_bytes(csv_uri).decode().splitlines()[0] == "image_id,uri,width,height"
+    labelled = dict(skeleton)
+    labelled["annotations"] = [
+        {"id": n, "image_id": image["id"], "category_id": 3, "bbox": [2, 3, 20, 30]}
+        for n, image in enumerate(skeleton["images"], start=1)
+    ]
+    bad = json.loads(json.dumps(labelled))
+    bad["annotations"][1]["bbox"] = [50, 50, 30, 30]  # outside the 64x64 image
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(LabelImportError, match=r"box \[50, 50, 30, 30\] of annotation 2 is empty or outside"):
+        import_labels(str(tmp_path), str(tmp_path / "bad.json"), driver.pool)
+    assert not storage.exists(RunLayout(str(tmp_path)).cycle(0, "labels.json"))  # nothing changed
+    assert load_state(str(tmp_path)).status == "awaiting_labels"
+    (tmp_path / "good.json").write_text(json.dumps(labelled))
+    assert import_labels(str(tmp_path), str(tmp_path / "good.json"), driver.pool) == 5
+    state = Driver(spec, recorder.functions()).run()
+    assert state.status == "finished"
+    trained = {r.image_id: r for r in recorder.train_records[-1]}
+    for image in skeleton["images"]:  # cycle 1 trained on the imported boxes, not the dataset's
+        record = trained[image["almdn_image_id"]]
+        assert record.labels.tolist() == [3] and record.boxes.tolist() == [[2, 3, 22, 33]]
+
+
+def test_the_bundled_job_specs_are_valid():
+    from pathlib import Path
+
+    from almdn_ray.config import load_spec
+
+    for path in sorted(Path(__file__).resolve().parents[1].glob("jobs/*.yaml")):
+        spec = load_spec(path)
+        assert spec.acquisition.cycles >= 1, path
+    text = yaml.safe_dump({"acquisition": {"budgett": 5}})
+    with pytest.raises(SpecError, match=r"acquisition: unknown key\(s\) \['budgett'\]"):
+        spec_from_dict(yaml.safe_load(text), "x.yaml")

@@ -1,0 +1,225 @@
+"""The product end to end on real Ray: a driver killed at three points and resumed, a Ray Job submitted to a
+`ray start --head` cluster on 127.0.0.1, and a run whose storage is an S3 bucket (moto)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from almdn_ray import storage
+from almdn_ray.cli import app
+from almdn_ray.cycle import RunLayout, labeled_ids
+from almdn_ray.data.demo import DemoConfig, build_demo
+from almdn_ray.state import load_state
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """`ray start --head --block` on 127.0.0.1 with its own ports; stopped by its process id."""
+    gcs, dashboard = free_port(), free_port()
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(gcs),
+            "--dashboard-host",
+            "127.0.0.1",
+            "--dashboard-port",
+            str(dashboard),
+            "--dashboard-agent-listen-port",
+            str(free_port()),
+            "--ray-client-server-port",
+            str(free_port()),
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "true",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 90
+    from ray.job_submission import JobSubmissionClient
+
+    while True:
+        try:
+            JobSubmissionClient(address).list_jobs()
+            break
+        except Exception:
+            if time.time() > deadline or head.poll() is not None:
+                os.killpg(head.pid, signal.SIGKILL)
+                raise
+            time.sleep(0.5)
+    yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": address, "env": env}
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return build_demo(
+        tmp_path_factory.mktemp("demo"),
+        pool_images=40,
+        test_images=8,
+        config=DemoConfig(image_size=96, digit_size=(24, 48), small_fraction=0.0),
+    )
+
+
+def write_job(path: Path, demo, run_uri: str, *, cycles: int = 2) -> Path:
+    spec = {
+        "name": "e2e",
+        "seed": 3,
+        "storage": {"uri": run_uri},
+        "dataset": {"train": str(demo["pool"]), "test": str(demo["test"])},
+        "model": {"preset": "ssdlite320_mobilenet_v3", "image_size": 96},
+        "train": {
+            "max_iterations": 16,
+            "batch_size": 4,
+            "optimizer": "adam",
+            "lr": 0.003,
+            "warmup_iterations": 2,
+            "lr_steps": [],
+            "checkpoint_every": 4,
+            "flip": False,
+            "precise_bn_batches": 2,
+        },
+        "acquisition": {"initial_labeled": 10, "budget": 6, "cycles": cycles, "min_confidence": 0.05},
+        "resources": {"num_workers": 1, "scoring_batch_size": 4, "eval_batch_size": 8},
+    }
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def start_driver(job: Path, cluster, log: Path, **extra_env) -> subprocess.Popen:
+    env = {**cluster["env"], "RAY_ADDRESS": cluster["gcs"], "ALMDN_RAY_PROGRESS": "0", **extra_env}
+    return subprocess.Popen(
+        [sys.executable, "-m", "almdn_ray", "run", str(job)],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
+
+
+def wait_until(condition, process, timeout=240):
+    deadline = time.time() + timeout
+    while not condition():
+        assert process.poll() is None, "the driver ended before the kill point"
+        assert time.time() < deadline, "the kill point was never reached"
+        time.sleep(0.05)
+
+
+def stages_entered(log: Path) -> list[str]:
+    return [
+        line.split("] ", 1)[1]
+        for line in log.read_text().splitlines()
+        if line.startswith("[almdn-ray] cycle") and line.count(":") == 1
+    ]
+
+
+def test_a_driver_killed_in_train_in_score_and_after_select_resumes_to_the_same_result(cluster, demo, tmp_path):
+    reference_job = write_job(tmp_path / "reference.yaml", demo, str(tmp_path / "reference"))
+    reference = start_driver(reference_job, cluster, tmp_path / "reference.log")
+    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+
+    run = tmp_path / "run"
+    job = write_job(tmp_path / "job.yaml", demo, str(run))
+    layout = RunLayout(str(run))
+    logs = [tmp_path / f"attempt{i}.log" for i in range(4)]
+
+    driver = start_driver(job, cluster, logs[0])  # 1. inside TRAIN, once a checkpoint exists
+    wait_until(lambda: any((run / "cycles" / "000" / "train" / "cycle-000").glob("checkpoint_*")), driver)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    driver = start_driver(job, cluster, logs[1])  # 2. inside SCORE, once its manifest is written
+    wait_until(lambda: storage.exists(layout.cycle(0, "unlabeled")), driver)
+    time.sleep(1.5)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    assert load_state(str(run)).stage == "score"
+    driver = start_driver(job, cluster, logs[2], ALMDN_RAY_PAUSE_AFTER_STAGE="select")  # 3. right after SELECT
+    wait_until(lambda: (load_state(str(run)) or None) and load_state(str(run)).stage == "label", driver)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    driver = start_driver(job, cluster, logs[3])
+    assert driver.wait(timeout=600) == 0, logs[3].read_text()[-3000:]
+
+    assert stages_entered(logs[1])[0] == "cycle 0: train"  # training had not finished: resumed
+    assert stages_entered(logs[2])[0] == "cycle 0: score"  # train and eval were not run again
+    assert stages_entered(logs[3])[0] == "cycle 0: label"  # select was not run again
+    state = load_state(str(run))
+    done = [(h["cycle"], h["stage"]) for h in state.history]
+    assert state.status == "finished" and len(done) == len(set(done)) == 7
+    expected = RunLayout(str(tmp_path / "reference"))
+    for k in range(2):
+        assert labeled_ids(layout, k) == labeled_ids(expected, k)
+    assert len(set(labeled_ids(layout, 1))) == 16  # 10 + 6, none twice
+
+
+def test_submit_to_a_cluster_then_status_from_storage(cluster, demo, tmp_path):
+    job = write_job(tmp_path / "job.yaml", demo, str(tmp_path / "run"), cycles=1)
+    result = runner.invoke(
+        app, ["submit", str(job), "--address", cluster["dashboard"], "--wait"], env={"RAY_AUTH_MODE": "disabled"}
+    )
+    assert result.exit_code == 0, result.output
+    assert "status: SUCCEEDED" in result.output
+    status = runner.invoke(app, ["status", str(tmp_path / "run")])
+    assert status.exit_code == 0
+    assert "finished" in status.output and "cycle 0: 10 labelled, done: train, eval" in status.output
+
+
+def test_a_tiny_run_with_its_storage_in_s3(ray_session, demo, s3_bucket, tmp_path):
+    from almdn_ray.config import load_spec
+    from almdn_ray.cycle import Driver
+    from almdn_ray.distributed.stages import ray_stage_functions
+
+    run = f"{s3_bucket}/runs/tiny"
+    spec = load_spec(write_job(tmp_path / "job.yaml", demo, run))
+    state = Driver(spec, ray_stage_functions()).run()
+    assert state.status == "finished"
+    layout = RunLayout(run)
+    assert storage.exists(layout.cycle(1, "train", "model.pt"))
+    assert any("/cycle-001/checkpoint_" in f for f in storage.list_files(layout.cycle(1, "train")))
+    assert storage.read_parquet(layout.cycle(0, "selected.parquet")).num_rows == 6
+    assert len(labeled_ids(layout, 1)) == 16
+    report = runner.invoke(app, ["report", run])
+    assert report.exit_code == 0, report.output
+    assert storage.exists(f"{run}/report/curve.png") and storage.exists(f"{run}/report/report.md")
