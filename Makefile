@@ -32,6 +32,8 @@ quickstart: install
 
 bench: install
 	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/scoring.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -304,7 +304,7 @@ def _pool_of_run(run_uri: str):
         raise FileNotFoundError(f"{run_uri}: no run here (no job.yaml); check the storage URI")
     job = spec_from_dict(yaml.safe_load(storage.read_bytes(layout.job)), layout.job)
     d = job.dataset
-    return read_dataset(d.train, split=d.train_split, classes=d.classes, image_root=d.image_root)
+    return read_dataset(d.train, split=d.train_split, classes=d.classes, image_root=d.train_image_root)
 
 
 @labels_app.command("export")

@@ -37,7 +37,8 @@ class DatasetSpec:
     test: str = "data/demo/test.json"
     train_split: str | None = None  # VOC: ImageSets/Main/<split>.txt (default trainval)
     test_split: str | None = None  # VOC: default test
-    image_root: str | None = None  # COCO: folder the file_names are relative to
+    train_image_root: str | None = None  # COCO: folder the train file_names are relative to (default: JSON's)
+    test_image_root: str | None = None
     classes: list[str] | None = None  # VOC: class names (default: the 20 VOC classes)
 
 

@@ -93,14 +93,16 @@ class Driver:
     def pool(self) -> Dataset:
         if self._pool is None:
             d = self.job.dataset
-            self._pool = read_dataset(d.train, split=d.train_split, classes=d.classes, image_root=d.image_root)
+            self._pool = read_dataset(d.train, split=d.train_split, classes=d.classes, image_root=d.train_image_root)
         return self._pool
 
     @property
     def test(self) -> Dataset:
         if self._test is None:
             d = self.job.dataset
-            self._test = read_dataset(d.test, split=d.test_split or "test", classes=d.classes, image_root=d.image_root)
+            self._test = read_dataset(
+                d.test, split=d.test_split or "test", classes=d.classes, image_root=d.test_image_root
+            )
         return self._test
 
     @property
