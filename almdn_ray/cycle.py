@@ -214,6 +214,10 @@ class Driver:
         labeled = pa.array(labeled_ids(self.layout, k), pa.string())
         pool = read_manifest(self.layout.pool)
         unlabeled = pool.filter(pc.invert(pc.is_in(pool.column("image_id"), labeled)))
+        if unlabeled.num_rows == 0:  # the pool is exhausted: nothing left to score or select
+            storage.write_parquet(self.layout.cycle(k, "scores", "empty.parquet"), scoring.SCORE_SCHEMA.empty_table())
+            storage.write_bytes(done, b"")
+            return True
         manifest = self.layout.cycle(k, "unlabeled")
         storage.delete(manifest)
         write_manifest(zip(*(unlabeled.column(c).to_pylist() for c in unlabeled.column_names)), manifest)

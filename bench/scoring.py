@@ -89,6 +89,12 @@ def bench_throughput(sizes: list[int], image_size: int, workdir: Path) -> None:
 
 
 def bench_reduce(rows: int, budget: int = 1000) -> None:
+    """Write 10M synthetic score rows to Parquet, then time the reduce in a fresh process (clean peak RSS)."""
+    import subprocess
+    import sys
+
+    import pyarrow.parquet as pq
+
     rng = np.random.default_rng(0)
     n_det = rng.integers(0, 6, rows)
     columns = {
@@ -103,18 +109,33 @@ def bench_reduce(rows: int, budget: int = 1000) -> None:
     columns["entropy_max"] = pa.array(rng.random(rows))
     columns["error"] = pa.nulls(rows, pa.string())
     columns["worker"] = pa.nulls(rows, pa.string())
-    table = pa.table(columns).cast(scoring.SCORE_SCHEMA)
-    del columns
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "scores.parquet")
+        pq.write_table(pa.table(columns).cast(scoring.SCORE_SCHEMA), path)
+        del columns
+        child = subprocess.run(
+            [sys.executable, __file__, "--reduce-file", path, "--budget", str(budget)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+    print(child.stdout.strip() + "\n")
+
+
+def reduce_file(path: str, budget: int) -> None:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
     start = time.perf_counter()
     selection = scoring.select_from_scores(table, budget)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
-    print(
-        f"\nreduce + selection of {budget} over {rows:,} rows: {seconds:.2f} s; process peak RSS {peak:.2f} GB "
-        f"(the input table alone: {table.nbytes / 1e9:.2f} GB; peak before the reduce {before:.2f} GB)"
-    )
     assert len(selection.image_ids) == budget
+    print(
+        f"reduce + selection of {budget} over {table.num_rows:,} rows: {seconds:.2f} s; peak RSS of the process "
+        f"{peak:.2f} GB (after reading the table: {loaded:.2f} GB; the table itself {table.nbytes / 1e9:.2f} GB)"
+    )
 
 
 def main() -> None:
@@ -122,7 +143,12 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--image-size", type=int, default=96, help="model input side")
     parser.add_argument("--reduce-rows", type=int, default=10_000_000)
+    parser.add_argument("--reduce-file", help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=int, default=1000, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.reduce_file:
+        reduce_file(args.reduce_file, args.budget)
+        return
     print(f"# bench/scoring.py — {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     bench_reduce(args.reduce_rows)  # first, so that the peak memory it reports is not Ray's
     with tempfile.TemporaryDirectory() as folder:

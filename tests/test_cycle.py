@@ -187,3 +187,10 @@ def test_the_bundled_job_specs_are_valid():
     text = yaml.safe_dump({"acquisition": {"budgett": 5}})
     with pytest.raises(SpecError, match=r"acquisition: unknown key\(s\) \['budgett'\]"):
         spec_from_dict(yaml.safe_load(text), "x.yaml")
+
+
+def test_an_exhausted_pool_selects_nothing_more(demo, tmp_path):
+    state = Driver(job(demo, tmp_path, initial_labeled=36, budget=10, cycles=3), Recorder().functions()).run()
+    assert state.status == "finished"
+    layout = RunLayout(str(tmp_path))
+    assert [len(labeled_ids(layout, k)) for k in range(3)] == [36, 40, 40]
