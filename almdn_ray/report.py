@@ -101,8 +101,10 @@ def _uncertain_pictures(run: str, layout: RunLayout, count: int) -> list[tuple[s
             model, eval_transform(model.image_size)(image)[None], config=job.acquisition.postprocess()
         )
         picture = Image.fromarray(image.permute(1, 2, 0).numpy()).convert("RGB")
+        zoom = max(1.0, 480 / max(picture.size))  # small images are enlarged so that the text stays legible
+        picture = picture.resize((round(picture.width * zoom), round(picture.height * zoom)), Image.BILINEAR)
         draw = ImageDraw.Draw(picture)
-        sx, sy = entry["width"] / model.image_size, entry["height"] / model.image_size
+        sx, sy = entry["width"] * zoom / model.image_size, entry["height"] * zoom / model.image_size
         for box, label, score, la, le, ca, ce in zip(
             det.boxes.tolist(),
             det.labels.tolist(),
