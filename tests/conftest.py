@@ -69,7 +69,7 @@ def ray_session(s3_endpoint):
     import ray
     from ray.data import DataContext
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     context = DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
