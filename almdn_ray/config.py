@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from almdn_ray import acquisition
-from almdn_ray.model.detector import PRESETS
+from almdn_ray.model.detector import ModelSpec
 from almdn_ray.model.postprocess import PostprocessConfig
 from almdn_ray.training import TrainRecipe
 
@@ -40,22 +40,6 @@ class DatasetSpec:
     train_image_root: str | None = None  # COCO: folder the train file_names are relative to (default: JSON's)
     test_image_root: str | None = None
     classes: list[str] | None = None  # VOC: class names (default: the 20 VOC classes)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    preset: str = "ssdlite320_mobilenet_v3"
-    num_components: int = 4
-    anchor_set: str = "voc"
-    image_size: int | None = None
-    backbone_weights: str | None = None
-    width_mult: float = 1.0
-
-    def __post_init__(self):
-        if self.preset not in PRESETS:
-            raise ValueError(f"model.preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        if self.num_components < 1:
-            raise ValueError(f"model.num_components must be >= 1, got {self.num_components}")
 
 
 @dataclass(frozen=True)
@@ -117,7 +101,7 @@ class JobSpec:
     seed: int = 0
     storage: StorageSpec = field(default_factory=StorageSpec)
     dataset: DatasetSpec = field(default_factory=DatasetSpec)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelSpec = field(default_factory=ModelSpec)  # num_classes: null = from the dataset
     train: TrainRecipe = field(default_factory=TrainRecipe)
     warm_start: bool = False  # start each cycle from the previous cycle's model instead of the backbone
     acquisition: AcquisitionSpec = field(default_factory=AcquisitionSpec)

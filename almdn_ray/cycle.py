@@ -61,16 +61,13 @@ class RunLayout:
 
 
 def model_spec(job: JobSpec, num_classes: int) -> ModelSpec:
-    m = job.model
-    return ModelSpec(
-        preset=m.preset,
-        num_classes=num_classes,
-        num_components=m.num_components,
-        anchor_set=m.anchor_set,
-        image_size=m.image_size,
-        backbone_weights=m.backbone_weights,
-        width_mult=m.width_mult,
-    )
+    """The job's model with the dataset's class count (background included)."""
+    if job.model.num_classes not in (None, num_classes):
+        raise SpecError(
+            f"model.num_classes is {job.model.num_classes} but the dataset has {num_classes} classes "
+            "with background; remove the key or fix it"
+        )
+    return replace(job.model, num_classes=num_classes)
 
 
 def labeled_ids(layout: RunLayout, k: int) -> list[str]:

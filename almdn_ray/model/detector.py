@@ -187,7 +187,7 @@ class ModelSpec:
     """Everything needed to build the same model in another process (a plain dict at the Ray boundary)."""
 
     preset: str = "ssdlite320_mobilenet_v3"
-    num_classes: int = 21
+    num_classes: int | None = None  # C with background; None until the dataset is known
     num_components: int = 4
     anchor_set: str = "voc"
     image_size: int | None = None
@@ -197,14 +197,18 @@ class ModelSpec:
     def __post_init__(self):
         if self.preset not in PRESETS:
             raise ValueError(f"model.preset: unknown preset {self.preset!r}; choose one of {sorted(PRESETS)}")
-        if self.num_classes < 2:
+        if self.num_classes is not None and self.num_classes < 2:
             raise ValueError(f"model.num_classes must count background and >= 1 class, got {self.num_classes}")
+        if self.num_components < 1:
+            raise ValueError(f"model.num_components must be >= 1, got {self.num_components}")
 
     @property
     def input_size(self) -> int:
         return self.image_size or PRESETS[self.preset].image_size
 
     def build(self) -> SSDGMM:
+        if self.num_classes is None:
+            raise ValueError("model.num_classes is not set; it comes from the dataset (background included)")
         return build_ssdgmm(
             self.preset,
             num_classes=self.num_classes,
