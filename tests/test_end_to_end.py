@@ -31,9 +31,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory):
-    """`ray start --head --block` on 127.0.0.1 with its own ports; stopped by its process id."""
+def start_head(**auth):
+    """`ray start --head --block` on 127.0.0.1 with its own ports; stopped by its process (group) id."""
+    from ray.job_submission import JobSubmissionClient
+
     gcs, dashboard = free_port(), free_port()
     env = {
         **os.environ,
@@ -41,8 +42,19 @@ def cluster(tmp_path_factory):
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        **auth,
     }
     env.pop("RAY_ADDRESS", None)
+    ports = [
+        "--port",
+        str(gcs),
+        "--dashboard-port",
+        str(dashboard),
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+        "--ray-client-server-port",
+        str(free_port()),
+    ]
     head = subprocess.Popen(
         [
             str(Path(sys.executable).parent / "ray"),
@@ -51,20 +63,13 @@ def cluster(tmp_path_factory):
             "--block",
             "--node-ip-address",
             "127.0.0.1",
-            "--port",
-            str(gcs),
             "--dashboard-host",
             "127.0.0.1",
-            "--dashboard-port",
-            str(dashboard),
-            "--dashboard-agent-listen-port",
-            str(free_port()),
-            "--ray-client-server-port",
-            str(free_port()),
             "--num-cpus",
             "2",
             "--include-dashboard",
             "true",
+            *ports,
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -72,25 +77,34 @@ def cluster(tmp_path_factory):
         start_new_session=True,
     )
     address = f"http://127.0.0.1:{dashboard}"
+    headers = {"Authorization": f"Bearer {auth['RAY_AUTH_TOKEN']}"} if "RAY_AUTH_TOKEN" in auth else None
     deadline = time.time() + 90
-    from ray.job_submission import JobSubmissionClient
-
     while True:
         try:
-            JobSubmissionClient(address).list_jobs()
+            JobSubmissionClient(address, headers=headers).list_jobs()
             break
         except Exception:
             if time.time() > deadline or head.poll() is not None:
-                os.killpg(head.pid, signal.SIGKILL)
+                stop_head(head)
                 raise
             time.sleep(0.5)
-    yield {"gcs": f"127.0.0.1:{gcs}", "dashboard": address, "env": env}
+    return head, {"gcs": f"127.0.0.1:{gcs}", "dashboard": address, "env": env}
+
+
+def stop_head(head: subprocess.Popen) -> None:
     os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=20)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    head, info = start_head()
+    yield info
+    stop_head(head)
 
 
 @pytest.fixture(scope="module")
@@ -223,3 +237,33 @@ def test_a_tiny_run_with_its_storage_in_s3(ray_session, demo, s3_bucket, tmp_pat
     report = runner.invoke(app, ["report", run])
     assert report.exit_code == 0, report.output
     assert storage.exists(f"{run}/report/curve.png") and storage.exists(f"{run}/report/report.md")
+
+
+def test_submit_logs_and_stop_with_token_authentication(demo, tmp_path):
+    token = "almdn-test-token-0123456789abcdef"
+    head, info = start_head(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    try:
+        job = write_job(tmp_path / "job.yaml", demo, str(tmp_path / "run"), cycles=1)
+        refused = runner.invoke(app, ["submit", str(job), "--address", info["dashboard"]])
+        assert refused.exit_code != 0  # no token: the cluster says no
+        submitted = runner.invoke(
+            app,
+            [
+                "submit",
+                str(job),
+                "--address",
+                info["dashboard"],
+                "--token",
+                token,
+                "--submission-id",
+                "almdn-token-test",
+            ],
+        )
+        assert submitted.exit_code == 0, submitted.output
+        assert "submitted: almdn-token-test" in submitted.output
+        stopped = runner.invoke(app, ["stop", "almdn-token-test", "--address", info["dashboard"], "--token", token])
+        assert stopped.exit_code == 0, stopped.output
+        logs = runner.invoke(app, ["logs", "almdn-token-test", "--address", info["dashboard"], "--token", token])
+        assert logs.exit_code == 0, logs.output
+    finally:
+        stop_head(head)

@@ -37,6 +37,8 @@ def connect(job: JobSpec) -> None:
     env = {k: os.environ[k] for k in _FORWARDED if k in os.environ}
     if job.storage.endpoint:
         env["AWS_ENDPOINT_URL"] = job.storage.endpoint
+    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # inside a Ray Job: `submit` already set the job's env
+        env = {}
     address = os.environ.get("RAY_ADDRESS")
     ray.init(
         address=address or None,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ray.job_submission import JobStatus, JobSubmissionClient
 
+import almdn_ray
 from almdn_ray.config import load_spec
 from almdn_ray.distributed.stages import _FORWARDED
 
@@ -51,12 +52,20 @@ def submit_job(
 ) -> str:
     """Send the driver to the cluster as a Ray Job running ``python -m almdn_ray run job.yaml``.
 
-    The job spec travels in the job's working directory; the package itself must already be installed on
-    the cluster (see cluster/). Paths in the spec are read on the cluster: use absolute paths or ``s3://``.
+    The job spec and the package's source travel in the job's working directory; the dependencies (torch,
+    torchvision, ray, ...) must already be installed on the cluster (see cluster/). Paths in the spec are
+    read on the cluster: use absolute paths or ``s3://``.
     """
     spec = load_spec(job_file)  # refuse a bad spec before it reaches the cluster
     folder = tempfile.mkdtemp(prefix="almdn-ray-job-")
     shutil.copy(job_file, os.path.join(folder, "job.yaml"))
+    # The job runs this very version of the package: its source travels in the working directory, which
+    # Ray puts first on the driver's and every worker's path. Its dependencies must be on the cluster.
+    shutil.copytree(
+        Path(almdn_ray.__file__).parent,
+        os.path.join(folder, "almdn_ray"),
+        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+    )
     env = {k: os.environ[k] for k in _FORWARDED if k in os.environ}
     job_id = client(address, token).submit_job(
         entrypoint="python -m almdn_ray run job.yaml",
