@@ -94,7 +94,7 @@ def start_head(**auth):
 def stop_head(head: subprocess.Popen) -> None:
     os.killpg(head.pid, signal.SIGTERM)
     try:
-        head.wait(timeout=20)
+        head.wait(timeout=5)
     except subprocess.TimeoutExpired:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()
