@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
 from almdn_ray import acquisition, engine, storage
@@ -25,11 +24,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["SCORE_SCHEMA", "load_model", "score_images", "score_table", "read_scores", "select_from_scores"]
 
-SCORE_SCHEMA = pa.schema(
-    [("image_id", pa.string()), ("n_det", pa.int64())]
-    + [(name, pa.float64()) for name in acquisition.summary_columns()[1:]]
-    + [("error", pa.string()), ("worker", pa.string())]
-)
+# The reduce side lives in almdn_ray.reduce (no torch); re-exported here for callers of the map side.
+from almdn_ray.reduce import SCORE_SCHEMA, read_scores, select_from_scores  # noqa: E402
 
 
 def load_model(spec: ModelSpec, weights_uri: str | None, device: torch.device | str = "cpu") -> SSDGMM:
@@ -86,49 +82,3 @@ def score_table(
         rows = score_images(model, ids[start : start + batch_size], uris[start : start + batch_size], config=config)
         parts.append(pa.Table.from_pydict(rows, schema=SCORE_SCHEMA))
     return pa.concat_tables(parts) if parts else SCORE_SCHEMA.empty_table()
-
-
-def read_scores(folder: str) -> pa.Table:
-    """Every Parquet file of a scores folder as one table."""
-    files = storage.list_files(folder, pattern="*.parquet")
-    if not files:
-        raise FileNotFoundError(f"{folder} has no score files; run the SCORE stage first")
-    tables = [storage.read_parquet(uri) for uri in files]
-    return pa.concat_tables([t.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA) for t in tables])
-
-
-class _LazyColumns(Mapping):
-    """Arrow columns as numpy on access, not kept: the reduce holds one column copy at a time."""
-
-    def __init__(self, table: pa.Table):
-        self.table = table
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        return self.table.column(name).to_numpy()
-
-    def __iter__(self):
-        return iter(self.table.column_names)
-
-    def __len__(self) -> int:
-        return self.table.num_columns
-
-
-def select_from_scores(
-    scores: pa.Table, budget: int, *, strategy: str = "almdn", seed: int = 0, exclude: Sequence[str] = ()
-) -> acquisition.Selection:
-    """The pool reduce over score rows: drop unreadable images (and ``exclude``), score, take ``budget``.
-
-    Works on Arrow columns without per-row Python objects (10 million rows fit in a few GB).
-    """
-    keep = pc.is_null(scores.column("error"))
-    if exclude:
-        keep = pc.and_(keep, pc.invert(pc.is_in(scores.column("image_id"), pa.array(list(exclude), pa.string()))))
-    if pc.sum(keep).as_py() != scores.num_rows:
-        scores = scores.filter(keep)
-    ids = scores.column("image_id")
-    if pc.count_distinct(ids).as_py() != scores.num_rows:
-        raise ValueError("score rows repeat an image id: an image was scored twice; delete the scores and rerun")
-    order = pc.sort_indices(ids).to_numpy()
-    rows, values = acquisition.select_rows(order, _LazyColumns(scores), budget, strategy=strategy, seed=seed)
-    chosen = np.asarray(pc.take(ids, pa.array(rows)).to_pylist(), dtype=object)
-    return acquisition.Selection(chosen, values, np.arange(rows.shape[0]))

@@ -88,7 +88,13 @@ def main() -> None:
         local_wall = args.iterations * args.batch_size / (time.perf_counter() - start)
         local_steady = float(np.mean([r["images_per_s"] for r in context.reports[1:]]))
 
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+        ray.init(
+            address="local",
+            num_cpus=os.cpu_count(),
+            include_dashboard=False,
+            log_to_driver=False,
+            logging_level="ERROR",
+        )
         start = time.perf_counter()
         result = train_distributed(
             records=records,
