@@ -274,5 +274,8 @@ def local_evaluate(weights_uri: str, dataset: Dataset, spec: ModelSpec, job: Job
     """EVAL in the driver process: VOC and COCO AP of the cycle's model on the test split."""
     from almdn_ray.evaluation import evaluate
 
-    model = scoring.load_model(spec, weights_uri)
-    return evaluate(model, dataset, batch_size=job.resources.eval_batch_size)
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = scoring.load_model(spec, weights_uri, device)
+    return evaluate(model, dataset, batch_size=job.resources.eval_batch_size, device=device)
