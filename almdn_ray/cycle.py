@@ -272,9 +272,9 @@ def with_storage(job: JobSpec, uri: str) -> JobSpec:
 
 def local_evaluate(weights_uri: str, dataset: Dataset, spec: ModelSpec, job: JobSpec) -> dict:
     """EVAL in the driver process: VOC and COCO AP of the cycle's model on the test split."""
-    from almdn_ray.evaluation import evaluate
-
     import torch
+
+    from almdn_ray.evaluation import evaluate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = scoring.load_model(spec, weights_uri, device)
