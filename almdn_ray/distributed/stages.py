@@ -41,7 +41,7 @@ def connect(job: JobSpec) -> None:
         env = {}
     address = os.environ.get("RAY_ADDRESS")
     ray.init(
-        address=address or None,
+        address=address or "local",  # never attach to a cluster `ray start` recorded on this machine
         runtime_env={"env_vars": env} if env else None,
         logging_level="WARNING",
         log_to_driver=False,
