@@ -31,9 +31,7 @@ quickstart: install
 	@echo "report: runs/quickstart/report/report.md (curve: runs/quickstart/report/curve.png)"
 
 bench: install
-	$(BIN)/python bench/overhead.py
-	$(BIN)/python bench/scoring.py
-	$(BIN)/python bench/train.py
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis
