@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from almdn_ray import scoring, storage
+from almdn_ray import reduce, scoring, storage
 from almdn_ray.config import JobSpec, SpecError, diff_specs, spec_from_dict, spec_to_dict
 from almdn_ray.data.manifest import read_manifest, rows_from_dataset, write_manifest
 from almdn_ray.data.records import Dataset, ImageRecord
@@ -212,7 +212,7 @@ class Driver:
         pool = read_manifest(self.layout.pool)
         unlabeled = pool.filter(pc.invert(pc.is_in(pool.column("image_id"), labeled)))
         if unlabeled.num_rows == 0:  # the pool is exhausted: nothing left to score or select
-            storage.write_parquet(self.layout.cycle(k, "scores", "empty.parquet"), scoring.SCORE_SCHEMA.empty_table())
+            storage.write_parquet(self.layout.cycle(k, "scores", "empty.parquet"), reduce.SCORE_SCHEMA.empty_table())
             storage.write_bytes(done, b"")
             return True
         manifest = self.layout.cycle(k, "unlabeled")
@@ -228,8 +228,8 @@ class Driver:
         out = self.layout.cycle(k, "selected.parquet")
         if storage.exists(out):
             return True
-        scores = scoring.read_scores(self.layout.cycle(k, "scores"))
-        selection = scoring.select_from_scores(
+        scores = reduce.read_scores(self.layout.cycle(k, "scores"))
+        selection = reduce.select_from_scores(
             scores,
             self.job.acquisition.budget,
             strategy=self.job.acquisition.strategy,
@@ -264,10 +264,6 @@ class Driver:
             )
         storage.write_parquet(out, pa.table({"image_id": sorted(before + selected)}))
         return True
-
-
-def with_storage(job: JobSpec, uri: str) -> JobSpec:
-    return replace(job, storage=replace(job.storage, uri=uri))
 
 
 def local_evaluate(weights_uri: str, dataset: Dataset, spec: ModelSpec, job: JobSpec) -> dict:

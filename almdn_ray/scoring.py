@@ -20,12 +20,12 @@ from almdn_ray.data.transforms import eval_transform
 from almdn_ray.model.detector import SSDGMM, ModelSpec
 from almdn_ray.model.postprocess import PostprocessConfig
 
+# The reduce side lives in almdn_ray.reduce (no torch); re-exported here for callers of the map side.
+from almdn_ray.reduce import SCORE_SCHEMA, read_scores, select_from_scores
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["SCORE_SCHEMA", "load_model", "score_images", "score_table", "read_scores", "select_from_scores"]
-
-# The reduce side lives in almdn_ray.reduce (no torch); re-exported here for callers of the map side.
-from almdn_ray.reduce import SCORE_SCHEMA, read_scores, select_from_scores  # noqa: E402
 
 
 def load_model(spec: ModelSpec, weights_uri: str | None, device: torch.device | str = "cpu") -> SSDGMM:
