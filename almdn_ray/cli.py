@@ -211,6 +211,49 @@ def run(job_file: Path = typer.Argument(..., help="Job spec YAML (see jobs/)."))
 
 
 @app.command()
+def experiment(
+    job_file: Path = typer.Argument(..., help="Job spec YAML: every run is this job with another strategy/seed."),
+    strategies: str = typer.Option(
+        "almdn,random,entropy", help="Comma-separated strategies; name:N gives one N seeds (e.g. ensemble:1)."
+    ),
+    seeds: int = typer.Option(3, min=1, help="Seeds per strategy (paired: one initial labelled set per seed)."),
+    out: str = typer.Option(None, help="Experiment folder (default: the job's storage.uri + '-experiment')."),
+    report_to: str = typer.Option(None, help="Where to write experiment.md/.json/.png (default: OUT)."),
+    mc_dropout: float = typer.Option(0.1, help="Head dropout for mc_dropout runs whose job has model.dropout 0."),
+) -> None:
+    """Compare strategies: run the job per strategy and seed (resumable), then write a table and a plot."""
+    import shlex
+    import sys
+
+    from almdn_ray.config import SpecError
+    from almdn_ray.data.records import DatasetError
+    from almdn_ray.experiment import plan_runs, run_experiment, write_experiment_report
+    from almdn_ray.state import LeaseError
+
+    job = _load(job_file)
+    out = out or f"{job.storage.uri.rstrip('/')}-experiment"
+    names = [s.strip() for s in strategies.split(",") if s.strip()]
+    try:
+        runs = plan_runs(job, names, seeds, out, mc_dropout=mc_dropout)
+        from almdn_ray.distributed.stages import connect, ray_stage_functions
+
+        connect(job)
+        run_experiment(runs, ray_stage_functions(), progress=lambda m: typer.echo(f"[almdn-ray] {m}"))
+        command = "almdn-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        paths = write_experiment_report(runs, report_to or out, command=command)
+    except (SpecError, LeaseError, DatasetError, FileNotFoundError, RuntimeError, ValueError) as error:
+        raise _fail(str(error)) from error
+    typer.echo(_storage_text(paths["markdown"]))
+    typer.echo(f"table: {paths['markdown']}\nplot: {paths['plot']}")
+
+
+def _storage_text(uri: str) -> str:
+    from almdn_ray import storage
+
+    return storage.read_bytes(uri).decode()
+
+
+@app.command()
 def status(run_uri: str = typer.Argument(..., help="The run's storage URI (storage.uri of its job spec).")) -> None:
     """Show a run's cycles, stages, labelled counts and metrics, read from storage (no cluster needed)."""
     from almdn_ray.report import run_status

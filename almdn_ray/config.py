@@ -52,12 +52,18 @@ class AcquisitionSpec:
     nms_iou: float = 0.45
     max_per_class: int = 200
     min_confidence: float = 0.5
+    mc_passes: int = 10  # mc_dropout: forward passes with dropout on per image
+    ensemble_size: int = 3  # ensemble: independently seeded models trained per cycle
 
     def __post_init__(self):
         if self.strategy not in acquisition.STRATEGIES:
             raise ValueError(
                 f"acquisition.strategy: unknown {self.strategy!r}; choose one of {sorted(acquisition.STRATEGIES)}"
             )
+        if self.mc_passes < 2:
+            raise ValueError(f"acquisition.mc_passes must be >= 2, got {self.mc_passes}")
+        if self.ensemble_size < 2:
+            raise ValueError(f"acquisition.ensemble_size must be >= 2, got {self.ensemble_size}")
         for name in ("initial_labeled", "budget", "cycles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"acquisition.{name} must be >= 1, got {getattr(self, name)}")
@@ -111,6 +117,16 @@ class JobSpec:
     def __post_init__(self):
         if self.version != SPEC_VERSION:
             raise ValueError(f"version: this almdn-ray reads job spec version {SPEC_VERSION}, got {self.version}")
+        if self.acquisition.strategy == "mc_dropout" and self.model.dropout <= 0:
+            raise ValueError(
+                "acquisition.strategy is mc_dropout but model.dropout is 0: MC dropout needs dropout in the model; "
+                "set model.dropout (e.g. 0.1)"
+            )
+
+    @property
+    def ensemble_members(self) -> int:
+        """Models trained per cycle: ``acquisition.ensemble_size`` for the ensemble strategy, else 1."""
+        return self.acquisition.ensemble_size if self.acquisition.strategy == "ensemble" else 1
 
 
 def _build(cls, data: Any, where: str):

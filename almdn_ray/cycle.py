@@ -180,14 +180,27 @@ class Driver:
                 by_id.update(read_imported(self.layout, j, by_id))
         return [by_id[i] for i in sorted(wanted)]
 
+    def member_dirs(self, k: int) -> list[str]:
+        """Training folders of cycle ``k``'s models: ``train/`` (the model that is evaluated and scores), then
+        ``train/member-M/`` for the further members of an ensemble."""
+        first = self.layout.cycle(k, "train")
+        return [first] + [storage.join(first, f"member-{m}") for m in range(1, self.job.ensemble_members)]
+
     def _train(self, k: int) -> bool:
-        model = self.layout.cycle(k, "train", "model.pt")
-        if storage.exists(model):
-            return True
-        init = self.layout.cycle(k - 1, "train", "model.pt") if self.job.warm_start and k > 0 else None
-        records = self.training_records(k)
-        self.progress(f"cycle {k}: training on {len(records)} labelled images")
-        self.functions.train(records, self.spec, self.job, self.layout.cycle(k, "train"), f"cycle-{k:03d}", init)
+        records = None
+        for m, folder in enumerate(self.member_dirs(k)):
+            if storage.exists(storage.join(folder, "model.pt")):
+                continue
+            init = None
+            if self.job.warm_start and k > 0:
+                init = storage.join(self.member_dirs(k - 1)[m], "model.pt")
+            records = records or self.training_records(k)
+            job, name = self.job, f"cycle-{k:03d}"
+            if m > 0:  # an ensemble member: its own initialisation, batch order and augmentation
+                job = replace(job, train=replace(job.train, seed=job.train.seed + 7919 * m))
+                name = f"{name}-member-{m}"
+            self.progress(f"cycle {k}: training {name} on {len(records)} labelled images")
+            self.functions.train(records, self.spec, job, folder, name, init)
         return True
 
     def _eval(self, k: int) -> bool:
@@ -218,9 +231,9 @@ class Driver:
         manifest = self.layout.cycle(k, "unlabeled")
         storage.delete(manifest)
         write_manifest(zip(*(unlabeled.column(c).to_pylist() for c in unlabeled.column_names)), manifest)
-        self.functions.score(
-            manifest, self.layout.cycle(k, "train", "model.pt"), self.layout.cycle(k, "scores"), self.spec, self.job
-        )
+        models = [storage.join(folder, "model.pt") for folder in self.member_dirs(k)]
+        extra = {"member_uris": models[1:]} if len(models) > 1 else {}
+        self.functions.score(manifest, models[0], self.layout.cycle(k, "scores"), self.spec, self.job, **extra)
         storage.write_bytes(done, b"")
         return True
 
@@ -228,7 +241,7 @@ class Driver:
         out = self.layout.cycle(k, "selected.parquet")
         if storage.exists(out):
             return True
-        scores = reduce.read_scores(self.layout.cycle(k, "scores"))
+        scores = reduce.read_scores(self.layout.cycle(k, "scores"), self.job.acquisition.strategy)
         selection = reduce.select_from_scores(
             scores,
             self.job.acquisition.budget,

@@ -12,12 +12,22 @@ from torch import Tensor, nn
 
 from almdn_ray.model.anchors import make_box_coder
 from almdn_ray.model.detector import SSDGMM
+from almdn_ray.model.gmm_head import enable_dropout
 from almdn_ray.model.loss import LossTerms, MultiboxMixtureLoss
-from almdn_ray.model.postprocess import Detections, PostprocessConfig, postprocess
+from almdn_ray.model.postprocess import CommitteeDetections, Detections, PostprocessConfig, committee, postprocess
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Batch", "EpochResult", "collate", "train_step", "train_one_epoch", "recalibrate_batch_norm", "predict"]
+__all__ = [
+    "Batch",
+    "EpochResult",
+    "collate",
+    "train_step",
+    "train_one_epoch",
+    "recalibrate_batch_norm",
+    "predict",
+    "predict_committee",
+]
 
 Batch = tuple[Tensor, list[dict[str, Tensor]]]  # images [B, 3, H, W] in [0, 1], per-image targets
 
@@ -178,3 +188,37 @@ def predict(
         detections = postprocess(outputs, box_coder=box_coder, image_size=tuple(batch.shape[-2:]), config=config)
         results.extend(Detections(*(t.cpu() for t in d)) for d in detections)
     return results
+
+
+@torch.no_grad()
+def predict_committee(
+    models: Sequence[SSDGMM],
+    images: Tensor,
+    *,
+    passes: int = 1,
+    config: PostprocessConfig = PostprocessConfig(),
+    variances: tuple[float, float] = (0.1, 0.2),
+) -> list[CommitteeDetections]:
+    """Committee detections of one batch: every model, ``passes`` times each, on the first model's device.
+
+    An ensemble is several models with ``passes=1`` (eval mode); MC dropout is one model with ``passes=T``
+    and its dropout layers on (BatchNorm stays in eval mode). The models are left in eval mode.
+    """
+    if len(models) * passes < 2:
+        raise ValueError(f"a committee needs >= 2 predictions; got {len(models)} model(s) x {passes} pass(es)")
+    device = next(models[0].parameters()).device
+    images = images.to(device, non_blocking=True)
+    members = []
+    try:
+        for model in models:
+            model.eval()
+            if passes > 1 and enable_dropout(model) == 0:
+                raise ValueError("MC dropout needs dropout in the model: set model.dropout > 0 (e.g. 0.1) and retrain")
+            members.extend(model(images) for _ in range(passes))
+    finally:
+        for model in models:
+            model.eval()
+    detections = committee(
+        members, box_coder=make_box_coder(variances), image_size=tuple(images.shape[-2:]), config=config
+    )
+    return [CommitteeDetections(*(t.cpu() for t in d)) for d in detections]

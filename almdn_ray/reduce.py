@@ -16,19 +16,29 @@ from almdn_ray import acquisition, storage
 __all__ = ["SCORE_SCHEMA", "read_scores", "select_from_scores"]
 
 SCORE_SCHEMA = pa.schema(
-    [("image_id", pa.string()), ("n_det", pa.int64())]
-    + [(name, pa.float64()) for name in acquisition.summary_columns()[1:]]
-    + [("error", pa.string()), ("worker", pa.string())]
-)
+    [("image_id", pa.string())]
+    + [
+        (name, pa.int64() if name.endswith("_n") or name == "n_det" else pa.float64())
+        for name in acquisition.summary_columns()
+    ]
+    + [("seconds", pa.float64()), ("error", pa.string()), ("worker", pa.string())]
+)  # seconds: this image's share of its batch's model time (read, detect, summarise)
 
 
-def read_scores(folder: str) -> pa.Table:
-    """Every Parquet file of a scores folder as one table."""
+def read_scores(folder: str, strategy: str | None = None) -> pa.Table:
+    """Every Parquet file of a scores folder as one table; with ``strategy``, only the columns it needs."""
     files = storage.list_files(folder, pattern="*.parquet")
     if not files:
         raise FileNotFoundError(f"{folder} has no score files; run the SCORE stage first")
-    tables = [storage.read_parquet(uri) for uri in files]
-    return pa.concat_tables([t.select(SCORE_SCHEMA.names).cast(SCORE_SCHEMA) for t in tables])
+    schema = SCORE_SCHEMA
+    if strategy is not None:
+        wanted = ["image_id", *acquisition.strategy_columns(strategy), "error"]
+        schema = pa.schema([SCORE_SCHEMA.field(name) for name in wanted])
+    tables = []
+    for uri in files:
+        table = storage.read_parquet(uri, columns=schema.names)
+        tables.append(table.select(schema.names).cast(schema))
+    return pa.concat_tables(tables)
 
 
 class _LazyColumns(Mapping):

@@ -23,15 +23,33 @@ __all__ = ["PoolScorer", "plan_actors", "score_pool"]
 class PoolScorer:
     """Callable class for ``map_batches``: loads the model once per actor, maps numpy dict -> numpy dict."""
 
-    def __init__(self, spec: dict, weights_uri: str | None, postprocess: dict, threads: int):
+    def __init__(
+        self,
+        spec: dict,
+        weights_uri: str | None,
+        postprocess: dict,
+        threads: int,
+        member_uris: list[str] = (),
+        mc_passes: int = 0,
+    ):
         torch.set_num_threads(threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = scoring.load_model(ModelSpec(**spec), weights_uri, device)
+        self.members = [scoring.load_model(ModelSpec(**spec), uri, device) for uri in member_uris]
+        self.mc_passes = mc_passes
         self.config = PostprocessConfig(**postprocess)
         self.worker = f"{ray.get_runtime_context().get_node_id()[:12]}:{os.getpid()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return scoring.score_images(self.model, batch["image_id"], batch["uri"], config=self.config, worker=self.worker)
+        return scoring.score_images(
+            self.model,
+            batch["image_id"],
+            batch["uri"],
+            config=self.config,
+            worker=self.worker,
+            members=self.members,
+            mc_passes=self.mc_passes,
+        )
 
 
 def plan_actors(*, use_gpu: bool, num_actors: int | None) -> tuple[int, float]:
@@ -62,8 +80,13 @@ def score_pool(
     batch_size: int = 16,
     rows_per_block: int = 256,
     endpoint: str | None = None,
+    member_uris: list[str] = (),
+    mc_passes: int = 0,
 ) -> str:
     """Score every manifest row into Parquet files under ``out_uri`` (overwritten, so a rerun is idempotent).
+
+    ``member_uris`` (further ensemble members' weights) or ``mc_passes`` (T dropout passes) add the committee
+    columns that the ``ensemble`` and ``mc_dropout`` strategies select by.
 
     Returns:
         ``out_uri``. Read it with :func:`almdn_ray.scoring.read_scores`.
@@ -89,6 +112,8 @@ def score_pool(
             "weights_uri": weights_uri,
             "postprocess": asdict(postprocess),
             "threads": max(1, int(cpus_per_actor)),
+            "member_uris": list(member_uris),
+            "mc_passes": mc_passes,
         },
         batch_size=batch_size,
         batch_format="numpy",

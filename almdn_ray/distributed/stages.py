@@ -71,10 +71,14 @@ def _train(
     ).model_uri
 
 
-def _score(manifest_uri: str, weights_uri: str, out_uri: str, spec: ModelSpec, job: JobSpec) -> None:
+def _score(
+    manifest_uri: str, weights_uri: str, out_uri: str, spec: ModelSpec, job: JobSpec, member_uris: list[str] = ()
+) -> None:
     score_pool(
         manifest_uri=manifest_uri,
         weights_uri=weights_uri,
+        member_uris=member_uris,
+        mc_passes=job.acquisition.mc_passes if job.acquisition.strategy == "mc_dropout" else 0,
         out_uri=out_uri,
         spec=spec,
         postprocess=job.acquisition.postprocess(),

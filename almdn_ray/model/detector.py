@@ -135,6 +135,7 @@ def build_ssdgmm(
     backbone_weights: str | Path | None = None,
     image_size: int | None = None,
     width_mult: float = 1.0,
+    dropout: float = 0.0,
 ) -> SSDGMM:
     """Build an SSD-GMM from a preset.
 
@@ -146,6 +147,7 @@ def build_ssdgmm(
         backbone_weights: path of an ImageNet ``state_dict`` for the backbone; None trains from scratch.
         image_size: input side in pixels (only the small preset can change it; <= 320).
         width_mult: backbone channel multiplier (small preset only).
+        dropout: dropout on the head's input feature maps (for MC-dropout scoring; 0 = none).
     """
     spec, base, in_channels, num_anchors = _parts(
         preset, anchor_set=anchor_set, backbone_weights=backbone_weights, image_size=image_size, width_mult=width_mult
@@ -156,6 +158,7 @@ def build_ssdgmm(
         num_classes=num_classes,
         num_components=num_components,
         separable=spec.separable_head,
+        dropout=dropout,
     )
     return SSDGMM(head=head, **base)
 
@@ -193,6 +196,7 @@ class ModelSpec:
     image_size: int | None = None
     backbone_weights: str | None = None
     width_mult: float = 1.0
+    dropout: float = 0.0  # on the head's inputs; > 0 for the mc_dropout strategy
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -201,6 +205,8 @@ class ModelSpec:
             raise ValueError(f"model.num_classes must count background and >= 1 class, got {self.num_classes}")
         if self.num_components < 1:
             raise ValueError(f"model.num_components must be >= 1, got {self.num_components}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def input_size(self) -> int:
@@ -217,4 +223,5 @@ class ModelSpec:
             backbone_weights=self.backbone_weights,
             image_size=self.image_size,
             width_mult=self.width_mult,
+            dropout=self.dropout,
         )

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from torchvision.models.detection.ssd import SSDScoringHead
 from torchvision.ops.misc import Conv2dNormActivation
 
-__all__ = ["MixtureOutputs", "MixtureHead"]
+__all__ = ["MixtureOutputs", "MixtureHead", "enable_dropout"]
 
 BOX_DIMS = 4
 
@@ -57,6 +57,8 @@ class MixtureHead(nn.Module):
         num_classes: C, background included.
         num_components: K.
         separable: depthwise-separable predictors (SSDLite) instead of plain 3x3 convs (SSD).
+        dropout: element-wise dropout on every feature map before the predictors (0 = none). It is on in
+            training; MC-dropout scoring (:func:`enable_dropout`) keeps it on at inference too.
     """
 
     def __init__(
@@ -67,14 +69,18 @@ class MixtureHead(nn.Module):
         num_classes: int,
         num_components: int = 4,
         separable: bool = False,
+        dropout: float = 0.0,
     ):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         if num_components < 1:
             raise ValueError(f"num_components must be >= 1, got {num_components}")
         if num_classes < 2:
             raise ValueError(f"num_classes must count background and at least one class, got {num_classes}")
         self.num_classes = num_classes
         self.num_components = num_components
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         box_columns = num_components * 3 * BOX_DIMS
         cls_columns = num_components * (2 * num_classes + 1)
         self.box_head = SSDScoringHead(
@@ -93,6 +99,7 @@ class MixtureHead(nn.Module):
     def forward(self, features: list[Tensor], anchors: Tensor) -> MixtureOutputs:
         """Args: feature maps ``[B, C_l, H_l, W_l]``; anchors ``[A, 4]``. Returns: :class:`MixtureOutputs`."""
         k, c = self.num_components, self.num_classes
+        features = [self.dropout(f) for f in features]
         box = self.box_head(features)  # [B, A, K*12]
         batch, num_anchors = box.shape[:2]
         assert num_anchors == anchors.shape[0], (box.shape, anchors.shape)
@@ -102,3 +109,17 @@ class MixtureHead(nn.Module):
         return MixtureOutputs(
             loc_mu, loc_sigma_logit, loc_pi_logit, cls_logits, cls_sigma_logit, cls_pi_logit.squeeze(-1), anchors
         )
+
+
+def enable_dropout(model: nn.Module) -> int:
+    """Put every dropout layer of ``model`` in training mode (the rest stays as it is: BatchNorm in eval).
+
+    Returns:
+        How many dropout layers with p > 0 were switched on (0: the model has none, MC dropout is impossible).
+    """
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.Dropout) and module.p > 0:
+            module.train()
+            count += 1
+    return count
