@@ -20,17 +20,24 @@ from almdn_ray.state import Lease, LeaseError, load_state
 class Recorder:
     """Stage functions that record their calls; scores are a fixed function of the image id."""
 
-    def __init__(self, fail_score_once=False):
+    def __init__(self, fail_score_once=False, fail_train=None):
         self.calls, self.train_records, self.fail_score_once = [], [], fail_score_once
+        self.train_seeds, self.members, self.fail_train = [], [], fail_train
 
     def train(self, records, spec, job, storage_uri, run_name, init):
+        if run_name == self.fail_train:
+            self.fail_train = None
+            raise RuntimeError(f"{run_name} lost its worker")
         self.calls.append(("train", run_name))
         self.train_records.append(records)
+        self.train_seeds.append(job.train.seed)
         storage.write_bytes(storage.join(storage_uri, "model.pt"), b"weights")
         return storage.join(storage_uri, "model.pt")
 
-    def score(self, manifest, weights, out, spec, job):
+    def score(self, manifest, weights, out, spec, job, member_uris=()):
         self.calls.append(("score", out))
+        self.members.append(list(member_uris))
+        assert all(storage.exists(uri) for uri in [weights, *member_uris])
         if self.fail_score_once:
             self.fail_score_once = False
             raise RuntimeError("worker lost")
@@ -40,7 +47,8 @@ class Recorder:
         values = np.array(
             [[int(hashlib.md5(f"{i}{t}".encode()).hexdigest()[:6], 16) / 2**24 for t in range(4)] for i in ids]
         )
-        rows = acquisition.summarize(np.arange(len(ids)), values, len(ids), values[:, 0])
+        index = np.arange(len(ids))
+        rows = acquisition.summarize(index, values, len(ids), values[:, 0], committee=(index, values[:, 2:]))
         table = pa.table(
             {
                 "image_id": ids,

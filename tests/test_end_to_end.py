@@ -267,3 +267,33 @@ def test_submit_logs_and_stop_with_token_authentication(demo, tmp_path):
         assert logs.exit_code == 0, logs.output
     finally:
         stop_head(head)
+
+
+def test_a_two_strategy_experiment_on_ray_writes_a_paired_table(ray_session, demo, tmp_path):
+    job = write_job(tmp_path / "job.yaml", demo, str(tmp_path / "unused"))
+    spec = yaml.safe_load(job.read_text())
+    spec["train"].update(max_iterations=4, checkpoint_every=2)
+    spec["acquisition"].update(mc_passes=3)
+    job.write_text(yaml.safe_dump(spec))
+    out, report = tmp_path / "exp", tmp_path / "report"
+    args = ["experiment", str(job), "--strategies", "almdn,mc_dropout", "--seeds", "1", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--report-to", str(report)])
+    assert result.exit_code == 0, result.output
+    table = storage.read_json(str(report / "experiment.json"))["table"]
+    assert table["sizes"] == [10, 16] and table["pending"] == []
+    assert [(row["strategy"], row["seeds"], sorted(row["map"])) for row in table["rows"]] == [
+        ("almdn", [0], ["10", "16"]),
+        ("mc_dropout", [0], ["10", "16"]),
+    ]
+    assert all(row["score_ms_per_image"] > 0 for row in table["rows"])
+    lines = [line for line in (report / "experiment.md").read_text().splitlines() if line.startswith("| ")]
+    assert len(lines) == 3 and lines[0].count("|") == 11  # header + 2 strategies; 9 columns
+    assert (report / "experiment.png").read_bytes()[:4] == b"\x89PNG"
+    first = [labeled_ids(RunLayout(str(out / s / "seed-0")), 0) for s in ("almdn", "mc_dropout")]
+    assert len(first[0]) == 10 and first[0] == first[1]  # paired: the same initial labelled set
+    selected = [
+        set(labeled_ids(RunLayout(str(out / s / "seed-0")), 1)) - set(first[0]) for s in ("almdn", "mc_dropout")
+    ]
+    assert all(len(s) == 6 for s in selected)
+    scores = storage.read_parquet(str(next((out / "mc_dropout/seed-0/cycles/000/scores").glob("*.parquet"))))
+    assert scores.column("committee_n").to_numpy().sum() > 0  # the Ray actors ran the dropout passes

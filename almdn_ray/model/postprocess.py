@@ -176,7 +176,8 @@ def committee(
         p, _, _ = mdn.classification_moments(outputs.cls_logits, outputs.cls_sigma_logit, outputs.cls_pi_logit)
         probs.append(p)
         loc_means.append(loc_mean)
-    probs_t, loc_t = torch.stack(probs), torch.stack(loc_means)  # [T, B, A, C], [T, B, A, 4]
+    # float64: near-agreeing members differ in the 7th digit, where float32 entropies cancel to noise
+    probs_t, loc_t = torch.stack(probs).double(), torch.stack(loc_means).double()  # [T, B, A, C], [T, B, A, 4]
     mean_probs, mean_loc = probs_t.mean(dim=0), loc_t.mean(dim=0)
     mutual_information = (_entropy(mean_probs) - _entropy(probs_t).mean(dim=0)).clamp(min=0.0)  # [B, A]
     loc_variance = loc_t.var(dim=0, unbiased=False).amax(dim=-1)  # [B, A]
@@ -187,11 +188,11 @@ def committee(
         anchor_idx, labels, scores = _detect(boxes, mean_probs[i], config)
         results.append(
             CommitteeDetections(
-                boxes=boxes[anchor_idx],
-                scores=scores,
+                boxes=boxes[anchor_idx].float(),
+                scores=scores.float(),
                 labels=labels,
-                cls_mi=mutual_information[i, anchor_idx],
-                loc_var=loc_variance[i, anchor_idx],
+                cls_mi=mutual_information[i, anchor_idx].float(),
+                loc_var=loc_variance[i, anchor_idx].float(),
             )
         )
     return results
