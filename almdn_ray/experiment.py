@@ -209,38 +209,27 @@ def _markdown(table: dict, command: str | None) -> str:
 
 
 def _plot(results: Sequence[dict], table: dict) -> bytes:
-    import io
+    from almdn_ray.report import curve_png
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=120)
     sizes = np.array(table["sizes"], np.float64)
-    for row in table["rows"]:
-        if not row["seeds"]:
-            continue
-        mean = np.array([row["map"][s][0] for s in table["sizes"]])
-        curves = np.array(
-            [
-                [p["map_voc07"] for p in r["curve"]]
-                for r in results
-                if r["strategy"] == row["strategy"] and r["seed"] in row["seeds"]
-            ]
-        )
-        (line,) = axis.plot(sizes, mean, marker="o", label=f"{row['strategy']} ({len(row['seeds'])} seeds)")
-        if len(curves) > 1:  # the band spans the seeds' lowest and highest mAP
-            axis.fill_between(sizes, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.15)
-    axis.set_xlabel("labelled images")
-    axis.set_ylabel("VOC07 mAP on the test split")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+
+    def draw(axis):
+        for row in table["rows"]:
+            if not row["seeds"]:
+                continue
+            mean = np.array([row["map"][s][0] for s in table["sizes"]])
+            curves = np.array(
+                [
+                    [p["map_voc07"] for p in r["curve"]]
+                    for r in results
+                    if r["strategy"] == row["strategy"] and r["seed"] in row["seeds"]
+                ]
+            )
+            (line,) = axis.plot(sizes, mean, marker="o", label=f"{row['strategy']} ({len(row['seeds'])} seeds)")
+            if len(curves) > 1:  # the band spans the seeds' lowest and highest mAP
+                axis.fill_between(sizes, curves.min(axis=0), curves.max(axis=0), color=line.get_color(), alpha=0.15)
+
+    return curve_png(draw, ylabel="VOC07 mAP on the test split", size=(7, 4.5))
 
 
 def write_experiment_report(

@@ -44,17 +44,17 @@ def run_status(run: str) -> dict:
     }
 
 
-def _curve(rows: list[dict]) -> bytes:
+def curve_png(draw, *, ylabel: str, size: tuple[float, float] = (6, 4)) -> bytes:
+    """A learning-curve figure as PNG bytes: ``draw(axis)`` plots, this labels, grids and renders it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
-    axis.plot([r["labeled"] for r in rows], [r["map_voc07"] for r in rows], marker="o", label="VOC07 mAP")
-    axis.plot([r["labeled"] for r in rows], [r["map_area"] for r in rows], marker="s", label="area mAP")
+    figure, axis = plt.subplots(figsize=size, dpi=120)
+    draw(axis)
     axis.set_xlabel("labelled images")
-    axis.set_ylabel("mAP (IoU 0.5)")
+    axis.set_ylabel(ylabel)
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
@@ -62,6 +62,14 @@ def _curve(rows: list[dict]) -> bytes:
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return buffer.getvalue()
+
+
+def _curve(rows: list[dict]) -> bytes:
+    def draw(axis):
+        axis.plot([r["labeled"] for r in rows], [r["map_voc07"] for r in rows], marker="o", label="VOC07 mAP")
+        axis.plot([r["labeled"] for r in rows], [r["map_area"] for r in rows], marker="s", label="area mAP")
+
+    return curve_png(draw, ylabel="mAP (IoU 0.5)")
 
 
 def _uncertain_pictures(run: str, layout: RunLayout, count: int) -> list[tuple[str, str]]:
