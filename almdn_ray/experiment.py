@@ -59,6 +59,10 @@ def plan_runs(
         raise SpecError("--strategies: name at least one strategy, e.g. almdn,random")
     if seeds < 1:
         raise SpecError(f"--seeds must be >= 1, got {seeds}")
+    if base.labels.mode != "simulate":
+        raise SpecError(
+            f"labels.mode is {base.labels.mode!r}: an experiment reveals the dataset's labels; set simulate"
+        )
     runs = []
     for s in range(max(counts.values())):
         for strategy in [name for name, n in counts.items() if s < n]:

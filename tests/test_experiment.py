@@ -6,7 +6,7 @@ import math
 import pytest
 
 from almdn_ray import storage
-from almdn_ray.config import SpecError, spec_from_dict
+from almdn_ray.config import SpecError, spec_from_dict, spec_to_dict
 from almdn_ray.cycle import Driver, RunLayout, labeled_ids
 from almdn_ray.experiment import collect, plan_runs, run_experiment, summarize, write_experiment_report
 from tests.test_cycle import Recorder, demo, job  # noqa: F401  (demo is a fixture)
@@ -63,6 +63,9 @@ def test_the_plan_pairs_strategies_by_seed_and_reads_per_strategy_seed_counts(de
     ]:
         with pytest.raises(SpecError, match=message):
             plan_runs(base_job(demo, tmp_path), bad, 1, str(tmp_path / "exp"))
+    human = spec_from_dict({**spec_to_dict(base_job(demo, tmp_path)), "labels": {"mode": "human"}})
+    with pytest.raises(SpecError, match="labels.mode is 'human'"):
+        plan_runs(human, ["almdn"], 1, str(tmp_path / "exp"))
 
 
 class Graded(Recorder):
