@@ -119,7 +119,7 @@ def bench_reduce(rows: int, budget: int = 1000) -> None:
     columns["worker"] = pa.nulls(rows, pa.string())
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "part-0.parquet")
-        pq.write_table(pa.table(columns).cast(reduce.SCORE_SCHEMA), path)
+        pq.write_table(pa.table(columns).select(reduce.SCORE_SCHEMA.names).cast(reduce.SCORE_SCHEMA), path)
         del columns
         child = subprocess.run(
             [sys.executable, __file__, "--reduce-file", folder, "--budget", str(budget)],
