@@ -164,38 +164,45 @@ class PoolStatistics:
     std: np.ndarray
 
 
-def pool_statistics(summaries: Summaries, order: np.ndarray | None = None) -> PoolStatistics:
+def pool_statistics(
+    summaries: Summaries, order: np.ndarray | None = None, *, terms: Sequence[str] = TERMS, count: str = "n_det"
+) -> PoolStatistics:
     """Reduce summary rows to the pool's detection statistics (float64 sums, taken in ``order`` when given).
 
     Summing in a fixed order (the pool reduce uses image-id order) makes the result independent of how the
-    rows were sharded, to the last bit.
+    rows were sharded, to the last bit. ``terms`` and ``count`` pick the family: AL-MDN's four terms over
+    ``n_det`` detections (default), or :data:`COMMITTEE_TERMS` over ``committee_n``.
     """
 
     def total(name: str) -> float:
         column = np.asarray(summaries[name])
         return float(np.sum(column if order is None else column[order], dtype=np.float64))
 
-    count = int(total("n_det"))
-    if count == 0:
-        zeros = np.zeros(len(TERMS))
+    detections = int(total(count))
+    if detections == 0:
+        zeros = np.zeros(len(terms))
         return PoolStatistics(0, zeros, zeros)
-    mean = np.array([total(f"{t}_sum") for t in TERMS]) / count
-    variance = np.maximum(np.array([total(f"{t}_sumsq") for t in TERMS]) / count - mean * mean, 0.0)
-    return PoolStatistics(count, mean, np.sqrt(variance))
+    mean = np.array([total(f"{t}_sum") for t in terms]) / detections
+    variance = np.maximum(np.array([total(f"{t}_sumsq") for t in terms]) / detections - mean * mean, 0.0)
+    return PoolStatistics(detections, mean, np.sqrt(variance))
 
 
-def _term_strategy(terms: Sequence[str]) -> Callable[..., np.ndarray]:
-    indices = [TERMS.index(t) for t in terms]
+def _term_strategy(
+    terms: Sequence[str], family: Sequence[str] = TERMS, count: str = "n_det"
+) -> Callable[..., np.ndarray]:
+    """Max over ``terms`` of their per-image maxima, each z-scored by the pool statistics of ``family``."""
+    indices = [family.index(t) for t in terms]
 
     def scores(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generator, order) -> np.ndarray:
-        best = np.full(len(summaries["n_det"]), -np.inf)
+        best = np.full(len(summaries[count]), -np.inf)
         for term, j in zip(terms, indices):  # one column at a time: memory stays flat on huge pools
             np.maximum(
                 best, _zscore(np.asarray(summaries[f"{term}_max"], np.float64), stats.mean[j], stats.std[j]), out=best
             )
-        best[np.asarray(summaries["n_det"]) == 0] = -np.inf
+        best[np.asarray(summaries[count]) == 0] = -np.inf
         return best
 
+    scores.statistics = {"terms": tuple(family), "count": count}  # what strategy_scores reduces for it
     return scores
 
 
@@ -212,32 +219,13 @@ def _random(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generato
     return scores
 
 
-def _committee(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generator, order) -> np.ndarray:
-    """MC dropout / ensemble: each disagreement term's per-image max, z-scored by its mean and std over all
-    the committee's detections in the pool (as AL-MDN normalises its terms), then the larger of the two."""
-
-    def total(name: str) -> float:
-        column = np.asarray(summaries[name])
-        return float(np.sum(column if order is None else column[order], dtype=np.float64))
-
-    count = total("committee_n")
-    best = np.full(len(summaries["committee_n"]), -np.inf)
-    if count == 0:
-        return best
-    for term in COMMITTEE_TERMS:
-        mean = np.float64(total(f"{term}_sum") / count)
-        std = np.sqrt(max(total(f"{term}_sumsq") / count - mean * mean, np.float64(0.0)))
-        np.maximum(best, _zscore(np.asarray(summaries[f"{term}_max"], np.float64), mean, std), out=best)
-    best[np.asarray(summaries["committee_n"]) == 0] = -np.inf
-    return best
-
-
 STRATEGIES: dict[str, Callable[..., np.ndarray]] = {
     "almdn": _term_strategy(TERMS),
     "random": _random,
     "entropy": _entropy,
     **{term: _term_strategy([term]) for term in TERMS},
-    **{name: _committee for name in COMMITTEE_STRATEGIES},
+    # MC dropout / ensemble: each disagreement term z-scored over the committee's detections, the larger one
+    **{name: _term_strategy(COMMITTEE_TERMS, COMMITTEE_TERMS, "committee_n") for name in COMMITTEE_STRATEGIES},
 }
 
 
@@ -274,9 +262,10 @@ def strategy_scores(
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose one of {sorted(STRATEGIES)}")
-    if stats is None and (strategy == "almdn" or strategy in TERMS):  # the others need no term statistics
-        stats = pool_statistics(summaries, order)
-    return STRATEGIES[strategy](summaries, stats, np.random.default_rng(seed), order)
+    function = STRATEGIES[strategy]
+    if stats is None and hasattr(function, "statistics"):  # random and entropy need no term statistics
+        stats = pool_statistics(summaries, order, **function.statistics)
+    return function(summaries, stats, np.random.default_rng(seed), order)
 
 
 def select_top(scores: np.ndarray, budget: int) -> np.ndarray:

@@ -225,6 +225,7 @@ def experiment(
     import shlex
     import sys
 
+    from almdn_ray import storage
     from almdn_ray.config import SpecError
     from almdn_ray.data.records import DatasetError
     from almdn_ray.experiment import plan_runs, run_experiment, write_experiment_report
@@ -243,14 +244,8 @@ def experiment(
         paths = write_experiment_report(runs, report_to or out, command=command)
     except (SpecError, LeaseError, DatasetError, FileNotFoundError, RuntimeError, ValueError) as error:
         raise _fail(str(error)) from error
-    typer.echo(_storage_text(paths["markdown"]))
+    typer.echo(storage.read_bytes(paths["markdown"]).decode())
     typer.echo(f"table: {paths['markdown']}\nplot: {paths['plot']}")
-
-
-def _storage_text(uri: str) -> str:
-    from almdn_ray import storage
-
-    return storage.read_bytes(uri).decode()
 
 
 @app.command()
