@@ -248,11 +248,26 @@ def experiment(
     typer.echo(f"table: {paths['markdown']}\nplot: {paths['plot']}")
 
 
+_ENDPOINT = typer.Option(
+    None, "--endpoint", help="S3-compatible endpoint URL of the run's storage (default: AWS_ENDPOINT_URL)."
+)
+
+
+def _use_endpoint(endpoint: str | None) -> None:
+    from almdn_ray import storage
+
+    storage.configure(endpoint=endpoint)
+
+
 @app.command()
-def status(run_uri: str = typer.Argument(..., help="The run's storage URI (storage.uri of its job spec).")) -> None:
+def status(
+    run_uri: str = typer.Argument(..., help="The run's storage URI (storage.uri of its job spec)."),
+    endpoint: str = _ENDPOINT,
+) -> None:
     """Show a run's cycles, stages, labelled counts and metrics, read from storage (no cluster needed)."""
     from almdn_ray.report import run_status
 
+    _use_endpoint(endpoint)
     try:
         info = run_status(run_uri)
     except (FileNotFoundError, OSError, ValueError) as error:
@@ -267,10 +282,11 @@ def status(run_uri: str = typer.Argument(..., help="The run's storage URI (stora
 
 
 @app.command()
-def report(run_uri: str = typer.Argument(..., help="The run's storage URI.")) -> None:
+def report(run_uri: str = typer.Argument(..., help="The run's storage URI."), endpoint: str = _ENDPOINT) -> None:
     """Write report/curve.png and report/report.md (per-cycle table, most uncertain images)."""
     from almdn_ray.report import write_report
 
+    _use_endpoint(endpoint)
     try:
         paths = write_report(run_uri)
     except (FileNotFoundError, OSError, ValueError) as error:
@@ -291,18 +307,22 @@ def submit(
     submission_id: str = typer.Option(None, help="Job id to use (default: Ray picks one)."),
 ) -> None:
     """Send the run's driver to a Ray cluster as a Ray Job."""
+    from almdn_ray.config import SpecError
     from almdn_ray.distributed import submit as jobs
 
-    _load(job_file)
+    spec = _load(job_file)
     try:
         job_id = jobs.submit_job(job_file, address, token=token, submission_id=submission_id)
         typer.echo(f"submitted: {job_id}")
+        needs = jobs.cluster_environment(spec)
+        if needs:
+            typer.echo(f"note: {needs}")
         if wait:
             final = jobs.wait_for(job_id, address, token=token, on_status=lambda s: typer.echo(f"status: {s}"))
             typer.echo(jobs.job_logs(job_id, address, token=token)[-4000:])
             if final != "SUCCEEDED":
                 raise _fail(f"Ray job {job_id} ended {final}; see `almdn-ray logs {job_id} --address {address}`")
-    except (ConnectionError, TimeoutError, RuntimeError) as error:
+    except (ConnectionError, TimeoutError, RuntimeError, SpecError) as error:
         raise _fail(str(error)) from error
 
 
@@ -341,15 +361,18 @@ def _pool_of_run(run_uri: str):
     if not storage.exists(layout.job):
         raise FileNotFoundError(f"{run_uri}: no run here (no job.yaml); check the storage URI")
     job = spec_from_dict(yaml.safe_load(storage.read_bytes(layout.job)), layout.job)
+    if job.storage.endpoint and not storage.configured_endpoint():
+        storage.configure(endpoint=job.storage.endpoint)
     d = job.dataset
     return read_dataset(d.train, split=d.train_split, classes=d.classes, image_root=d.train_image_root)
 
 
 @labels_app.command("export")
-def labels_export(run_uri: str = typer.Argument(..., help="The run's storage URI.")) -> None:
+def labels_export(run_uri: str = typer.Argument(..., help="The run's storage URI."), endpoint: str = _ENDPOINT) -> None:
     """Write the selection as a COCO JSON skeleton and a CSV of image URIs for a labelling tool."""
     from almdn_ray.labels import LabelImportError, export_labels
 
+    _use_endpoint(endpoint)
     try:
         json_uri, csv_uri = export_labels(run_uri, _pool_of_run(run_uri))
     except (LabelImportError, FileNotFoundError, OSError) as error:
@@ -358,10 +381,15 @@ def labels_export(run_uri: str = typer.Argument(..., help="The run's storage URI
 
 
 @labels_app.command("import")
-def labels_import(run_uri: str = typer.Argument(...), labels_file: str = typer.Argument(..., help="COCO JSON")) -> None:
+def labels_import(
+    run_uri: str = typer.Argument(...),
+    labels_file: str = typer.Argument(..., help="COCO JSON"),
+    endpoint: str = _ENDPOINT,
+) -> None:
     """Check and store the labels of the selected images; the next `run` continues with them."""
     from almdn_ray.labels import LabelImportError, import_labels
 
+    _use_endpoint(endpoint)
     try:
         boxes = import_labels(run_uri, labels_file, _pool_of_run(run_uri))
     except (LabelImportError, FileNotFoundError, OSError) as error:

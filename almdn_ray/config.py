@@ -90,14 +90,26 @@ class LabelSpec:
 @dataclass(frozen=True)
 class ResourceSpec:
     num_workers: int = 1  # Ray Train workers
-    use_gpu: bool = False  # one GPU per training worker and per scoring actor
+    use_gpu: bool = False  # one GPU per training worker, per scoring actor and for EVAL
+    cpus_per_worker: float | None = None  # default: the most that places every worker on the nodes that exist
     scoring_actors: int | None = None  # default: one per GPU (use_gpu) or per CPU
     scoring_batch_size: int = 16
     eval_batch_size: int = 16
+    decode_in_tasks: bool | None = None  # SCORE reads/decodes/resizes in Ray Data CPU tasks; default: with use_gpu
+    mixed_precision: bool = True  # bf16 autocast on CUDA for TRAIN, SCORE and EVAL (false: float32)
+    placement_timeout_s: float = 30.0  # how long a request that fits no node waits for nodes before failing
 
     def __post_init__(self):
         if self.num_workers < 1:
             raise ValueError(f"resources.num_workers must be >= 1, got {self.num_workers}")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise ValueError(f"resources.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.placement_timeout_s < 0:
+            raise ValueError(f"resources.placement_timeout_s must be >= 0, got {self.placement_timeout_s}")
+
+    @property
+    def split_decode(self) -> bool:
+        return self.use_gpu if self.decode_in_tasks is None else self.decode_in_tasks
 
 
 @dataclass(frozen=True)

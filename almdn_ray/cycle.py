@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from almdn_ray import reduce, scoring, storage
+from almdn_ray import reduce, storage
 from almdn_ray.config import JobSpec, SpecError, diff_specs, spec_from_dict, spec_to_dict
 from almdn_ray.data.manifest import read_manifest, rows_from_dataset, write_manifest
 from almdn_ray.data.records import Dataset, ImageRecord
@@ -78,6 +78,7 @@ class Driver:
     """Carries a run through its cycles; resumable at any point, one driver per run (a lease)."""
 
     def __init__(self, job: JobSpec, functions: StageFunctions, *, progress: Callable[[str], None] | None = None):
+        storage.configure(endpoint=job.storage.endpoint)  # every read and write of this process
         self.job = job
         self.functions = functions
         self.layout = RunLayout(job.storage.uri)
@@ -277,14 +278,3 @@ class Driver:
             )
         storage.write_parquet(out, pa.table({"image_id": sorted(before + selected)}))
         return True
-
-
-def local_evaluate(weights_uri: str, dataset: Dataset, spec: ModelSpec, job: JobSpec) -> dict:
-    """EVAL in the driver process: VOC and COCO AP of the cycle's model on the test split."""
-    import torch
-
-    from almdn_ray.evaluation import evaluate
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = scoring.load_model(spec, weights_uri, device)
-    return evaluate(model, dataset, batch_size=job.resources.eval_batch_size, device=device)

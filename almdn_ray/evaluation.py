@@ -175,10 +175,21 @@ def coco_metrics(
     return {key: float(value) for key, value in zip(COCO_KEYS, evaluator.stats[:6])}
 
 
-def evaluate(model, dataset, *, batch_size: int = 8, device=None, config=None, log_every: int = 20) -> dict:
+def evaluate(
+    model,
+    dataset,
+    *,
+    batch_size: int = 8,
+    device=None,
+    config=None,
+    log_every: int = 20,
+    data_workers: int = 0,
+    bf16: bool = False,
+) -> dict:
     """Detect on every image of a :class:`~almdn_ray.data.records.Dataset` and measure VOC and COCO AP.
 
-    Images are resized to the model's input; detections are scaled back to each image's own size.
+    Images are resized to the model's input (in ``data_workers`` loader processes); detections are scaled
+    back to each image's own size. ``bf16``: the forward passes under bf16 autocast.
 
     Returns:
         ``{"map_voc07", "map_area", "ap_voc07": {class name: AP}, "coco": {AP, AP50, AP75, APs, APm, APl},
@@ -198,10 +209,11 @@ def evaluate(model, dataset, *, batch_size: int = 8, device=None, config=None, l
         DetectionDataset(records, eval_transform(size), keep_difficult=True),
         batch_size=batch_size,
         collate_fn=engine.collate,
+        num_workers=data_workers,
     )
     detections = []
     for step, (images, _) in enumerate(loader):
-        for det in engine.predict(model, images, config=config, batch_size=batch_size, device=device):
+        for det in engine.predict(model, images, config=config, batch_size=batch_size, device=device, bf16=bf16):
             record = records[len(detections)]
             scale = torch.tensor([record.width / size, record.height / size] * 2)
             detections.append({"boxes": det.boxes * scale, "scores": det.scores, "labels": det.labels})

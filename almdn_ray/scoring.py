@@ -1,7 +1,9 @@
 """Scoring pool images: read by URI, detect, summarise per image (the map of DESIGN section 5). No Ray here.
 
-The distributed scorer (``distributed/score_pool.py``) calls :func:`score_images` inside its actors; the
-same function in a plain loop (:func:`score_table`) is the single-process reference.
+Two steps: :func:`decode_images` (read, decode, resize to the model's input: CPU work) and the model pass
+with the per-image summary (:func:`score_images`). The distributed scorer (``distributed/score_pool.py``)
+runs the first as Ray Data CPU tasks and the second in its model actors (or both in the actors); the same
+functions in a plain loop (:func:`score_table`) are the single-process reference.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 import torch
+from torchvision.transforms import v2
 
 from almdn_ray import acquisition, engine, storage
 from almdn_ray.data.images import ImageReadError, read_image
-from almdn_ray.data.transforms import eval_transform
 from almdn_ray.model.detector import SSDGMM, ModelSpec
 from almdn_ray.model.postprocess import PostprocessConfig
 
@@ -26,56 +28,83 @@ from almdn_ray.reduce import SCORE_SCHEMA, read_scores, select_from_scores
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCORE_SCHEMA", "load_model", "score_images", "score_table", "read_scores", "select_from_scores"]
+__all__ = [
+    "SCORE_SCHEMA", "load_model", "decode_images", "score_images", "score_table", "read_scores",
+    "select_from_scores",
+]  # fmt: skip
 
 
 def load_model(spec: ModelSpec, weights_uri: str | None, device: torch.device | str = "cpu") -> SSDGMM:
-    """Build the model and load a plain ``state_dict`` file (local or ``s3://``) into it, in eval mode."""
+    """Build the model and load a plain ``state_dict`` file (local or ``s3://``) into it, in eval mode.
+
+    The backbone's ImageNet file is not read: the trained weights replace it.
+    """
     model = spec.build()
     if weights_uri is not None:
         state = torch.load(io.BytesIO(storage.read_bytes(weights_uri)), map_location="cpu", weights_only=True)
         model.load_state_dict(state)
-    return model.to(device).eval()
+    return engine.prepare_for_device(model, device).eval()
+
+
+def decode_images(uris: Sequence[str], image_size: int) -> tuple[np.ndarray, list[str | None]]:
+    """Read, decode and resize images to the model's input.
+
+    Returns:
+        ``[N, 3, S, S]`` uint8 RGB (zeros where unreadable) and, per image, None or why it was unreadable.
+    """
+    resize = v2.Resize((image_size, image_size), antialias=True)
+    images = np.zeros((len(uris), 3, image_size, image_size), np.uint8)
+    errors: list[str | None] = [None] * len(uris)
+    for position, uri in enumerate(uris):
+        try:
+            images[position] = resize(read_image(str(uri))).numpy()
+        except (ImageReadError, OSError) as error:
+            errors[position] = str(error)
+            logger.warning("scoring skipped %s", error)
+    return images, errors
 
 
 @torch.no_grad()
 def score_images(
     model: SSDGMM,
     image_ids: Sequence[str],
-    uris: Sequence[str],
+    uris: Sequence[str] | None = None,
     *,
+    decoded: tuple[np.ndarray, Sequence[str | None]] | None = None,
     config: PostprocessConfig = PostprocessConfig(),
     worker: str = "local",
     members: Sequence[SSDGMM] = (),
     mc_passes: int = 0,
+    bf16: bool = False,
 ) -> dict[str, np.ndarray]:
     """Summary rows (``SCORE_SCHEMA``) for a batch of pool images; unreadable ones get ``error`` and no detections.
 
     Args:
         model: the scoring model (eval mode), on its device.
-        image_ids, uris: the manifest rows of the batch.
+        image_ids, uris: the manifest rows of the batch (``uris`` are read here unless ``decoded`` is given).
+        decoded: :func:`decode_images`' output for these rows, when it ran elsewhere.
         config: detection settings (the paper's scoring thresholds by default).
         members: further ensemble members: the committee columns then come from ``model`` + ``members``.
         mc_passes: T > 1: the committee columns come from T passes of ``model`` with its dropout on.
+        bf16: forward passes under bf16 autocast (the summary is computed in float32 / float64).
     """
     start = time.perf_counter()
-    transform = eval_transform(model.image_size)
-    images, readable, errors = [], [], [None] * len(uris)
-    for position, uri in enumerate(uris):
-        try:
-            images.append(transform(read_image(str(uri))))
-            readable.append(position)
-        except (ImageReadError, OSError) as error:
-            errors[position] = str(error)
-            logger.warning("scoring skipped %s", error)
-    readable = np.asarray(readable, np.int64)
-    batch = torch.stack(images) if images else None
-    detections = engine.predict(model, batch, config=config) if images else []
+    pixels, errors = decoded if decoded is not None else decode_images(uris, model.image_size)
+    errors = [None if e is None or e != e else str(e) for e in errors]  # Arrow may hand back NaN for null
+    readable = np.asarray([i for i, e in enumerate(errors) if e is None], np.int64)
+    device = next(model.parameters()).device
+    batch = None
+    if len(readable):
+        batch = torch.from_numpy(np.ascontiguousarray(pixels[readable])).to(device, non_blocking=True)
+        batch = batch.float().div_(255.0)  # as ToDtype(float32, scale=True)
+    detections = (
+        engine.predict(model, batch, config=config, batch_size=len(readable), bf16=bf16) if len(readable) else []
+    )
     index, values, entropy = acquisition.detection_values(detections)
     committee = None
-    if images and (members or mc_passes > 1):
+    if len(readable) and (members or mc_passes > 1):
         models, passes = ([model, *members], 1) if members else ([model], mc_passes)
-        voted = engine.predict_committee(models, batch, passes=passes, config=config)
+        voted = engine.predict_committee(models, batch, passes=passes, config=config, bf16=bf16)
         counts = [len(d.scores) for d in voted]
         c_values = np.zeros((0, 2))
         if sum(counts):
@@ -103,6 +132,7 @@ def score_table(
     config: PostprocessConfig = PostprocessConfig(),
     members: Sequence[SSDGMM] = (),
     mc_passes: int = 0,
+    bf16: bool = False,
 ) -> pa.Table:
     """Score a whole manifest in this process (the single-process reference and small-pool path)."""
     parts = []
@@ -115,6 +145,7 @@ def score_table(
             config=config,
             members=members,
             mc_passes=mc_passes,
+            bf16=bf16,
         )
         parts.append(pa.Table.from_pydict(rows, schema=SCORE_SCHEMA))
     return pa.concat_tables(parts) if parts else SCORE_SCHEMA.empty_table()

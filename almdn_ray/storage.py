@@ -1,9 +1,10 @@
 """Storage through ``pyarrow.fs``: local paths, ``file://`` and ``s3://bucket/key`` URIs.
 
 S3 settings come from the standard AWS variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``) or an explicit
-``endpoint`` (S3-compatible stores: MinIO, Ceph, moto). pyarrow does not read the endpoint variables
-itself, so this module passes them on.
+``AWS_REGION``/``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``) or an endpoint
+(S3-compatible stores: MinIO, Ceph, moto): given per call, or for the whole process with :func:`configure`
+(the driver does it with the job's ``storage.endpoint``, every Ray worker with the value the driver passes
+it). pyarrow does not read the endpoint variables itself, so this module passes them on.
 """
 
 from __future__ import annotations
@@ -22,13 +23,28 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 __all__ = [
-    "StorageError", "resolve", "join", "read_bytes", "write_bytes", "exists", "list_files", "is_remote",
+    "StorageError", "configure", "configured_endpoint", "resolve", "join", "read_bytes", "write_bytes", "exists",
+    "list_files", "is_remote",
     "read_json", "write_json", "read_parquet", "write_parquet", "delete",
 ]  # fmt: skip
 
 
 class StorageError(OSError):
     """A storage URI could not be read or written; the message names the URI and what to check."""
+
+
+_ENDPOINT: str | None = None
+
+
+def configure(*, endpoint: str | None) -> None:
+    """Set the S3 endpoint every call of this process uses when it names none (None: the AWS variables)."""
+    global _ENDPOINT
+    _ENDPOINT = endpoint or None
+
+
+def configured_endpoint() -> str | None:
+    """The endpoint set by :func:`configure` (what a driver hands on to its Ray workers)."""
+    return _ENDPOINT
 
 
 def is_remote(uri: str) -> bool:
@@ -51,12 +67,13 @@ def resolve(uri: str, *, endpoint: str | None = None) -> tuple[pafs.FileSystem, 
 
     Args:
         uri: a local path, ``file:///abs/path`` or ``s3://bucket/key``.
-        endpoint: S3 endpoint URL (overrides ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``).
+        endpoint: S3 endpoint URL (overrides the :func:`configure`d one, which overrides
+            ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``).
     """
     uri = str(uri)
     if is_remote(uri):
         env = os.environ
-        endpoint = endpoint or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        endpoint = endpoint or _ENDPOINT or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
         region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
         fs = _s3(endpoint, env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"), region)
         return fs, uri.removeprefix("s3://").rstrip("/")

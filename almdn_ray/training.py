@@ -117,13 +117,13 @@ class TrainingDiverged(FloatingPointError):
     """The loss diverged again after restarting from the last good checkpoint and from scratch."""
 
 
-def _fresh(spec: ModelSpec, recipe: TrainRecipe, init_weights: dict | None, seed: int, device):
+def _fresh(spec: ModelSpec, init_weights: dict | None, backbone: dict | None, seed: int, device):
+    """A new model: the warm-start weights when given, else the backbone's pretrained tensors (or none)."""
     torch.manual_seed(seed)
-    model = spec.build()
+    model = spec.build(backbone=None if init_weights is not None else backbone)
     if init_weights is not None:
         model.load_state_dict(init_weights)
-    model.to(device)
-    return model
+    return engine.prepare_for_device(model, device)
 
 
 def _optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
@@ -190,6 +190,8 @@ def train_worker(
     recipe: TrainRecipe,
     context: WorkerContext,
     init_weights: dict | None = None,
+    backbone: dict | None = None,
+    mixed_precision: bool = True,
     on_iteration: Callable[[int], None] | None = None,
 ) -> nn.Module:
     """Train on ``dataset`` until ``recipe.max_iterations``, resuming from the context's latest checkpoint.
@@ -200,6 +202,9 @@ def train_worker(
     ``initial_loss`` (its first iteration's loss), ``images_per_s`` (since the last report, all ranks), ``restarts`` and
     ``weight_spread`` (max - min over ranks of a parameter checksum; 0 when replicas are in sync).
 
+    ``backbone`` is the ImageNet ``state_dict`` (read once by the caller) for a model trained from scratch;
+    ``init_weights`` (a warm start) or a checkpoint replace it. ``mixed_precision``: bf16 autocast on CUDA.
+
     Divergence guard: a non-finite loss, or one above ``divergence_factor`` times the recent median, on any
     rank restarts every rank from the last good checkpoint (``max_restarts`` times), then once from scratch;
     a further divergence raises :class:`TrainingDiverged`.
@@ -207,7 +212,8 @@ def train_worker(
     per_rank = recipe.batch_size // context.world_size
     if per_rank < 1:
         raise ValueError(f"train.batch_size {recipe.batch_size} is smaller than the {context.world_size} workers")
-    model = _fresh(spec, recipe, init_weights, recipe.seed, context.device)
+    model = _fresh(spec, init_weights, backbone, recipe.seed, context.device)
+    bf16 = engine.use_bf16(context.device, mixed_precision)
     net = context.wrap(model)
     optimizer = _optimizer(model, recipe)
     loss_fn = MultiboxMixtureLoss(LossConfig(cls_loss=recipe.cls_loss))
@@ -258,7 +264,7 @@ def train_worker(
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(recipe, iteration)
             batch = (images.to(context.device), [{k: v.to(context.device) for k, v in t.items()} for t in targets])
-            terms = engine.train_step(net, batch, optimizer, loss_fn, grad_clip=recipe.grad_clip)
+            terms = engine.train_step(net, batch, optimizer, loss_fn, grad_clip=recipe.grad_clip, bf16=bf16)
             loss = float(terms.total)
             exploding = len(history) >= 20 and loss > recipe.divergence_factor * statistics.median(history[-50:])
             if context.all_max(0.0 if math.isfinite(loss) and not exploding else 1.0) > 0:
@@ -322,7 +328,7 @@ def train_worker(
             logger.warning(
                 "rank %d: loss diverged again at iteration %d; restarting from scratch", context.rank, iteration
             )
-            model.load_state_dict(_fresh(spec, recipe, init_weights, recipe.seed + restarts, "cpu").state_dict())
+            model.load_state_dict(_fresh(spec, init_weights, backbone, recipe.seed + restarts, "cpu").state_dict())
             optimizer = _optimizer(model, recipe)
             iteration = 0
         else:

@@ -1,4 +1,9 @@
-"""Ray Data glue: score the pool manifest with one model per actor, write one Parquet row per image."""
+"""Ray Data glue: score the pool manifest with one model per actor, write one Parquet row per image.
+
+The pipeline is GPU-shaped: read + decode + resize run as Ray Data CPU tasks over every node's cores, and
+the model actors (one per GPU) do only the forward pass and the per-image summary. On CPU the actors decode
+themselves by default (``resources.decode_in_tasks``), which saves moving the pixels between processes.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +16,21 @@ import ray
 import ray.data
 import torch
 
-from almdn_ray import scoring, storage
+from almdn_ray import engine, scoring, storage
+from almdn_ray.distributed import placement
 from almdn_ray.model.detector import ModelSpec
 from almdn_ray.model.postprocess import PostprocessConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PoolScorer", "plan_actors", "score_pool"]
+__all__ = ["PoolScorer", "decode_batch", "score_pool"]
+
+
+def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, endpoint: str | None) -> dict[str, np.ndarray]:
+    """A Ray Data CPU task: the batch's images read, decoded and resized (``image`` uint8 ``[B, 3, S, S]``)."""
+    storage.configure(endpoint=endpoint)
+    images, errors = scoring.decode_images(batch["uri"], image_size)
+    return {"image_id": batch["image_id"], "image": images, "decode_error": np.asarray(errors, dtype=object)}
 
 
 class PoolScorer:
@@ -31,41 +44,32 @@ class PoolScorer:
         threads: int,
         member_uris: list[str] = (),
         mc_passes: int = 0,
+        mixed_precision: bool = True,
+        endpoint: str | None = None,
     ):
+        storage.configure(endpoint=endpoint)
         torch.set_num_threads(threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = scoring.load_model(ModelSpec(**spec), weights_uri, device)
         self.members = [scoring.load_model(ModelSpec(**spec), uri, device) for uri in member_uris]
         self.mc_passes = mc_passes
+        self.bf16 = engine.use_bf16(device, mixed_precision)
         self.config = PostprocessConfig(**postprocess)
         self.worker = f"{ray.get_runtime_context().get_node_id()[:12]}:{os.getpid()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        decoded = (batch["image"], list(batch["decode_error"])) if "image" in batch else None
         return scoring.score_images(
             self.model,
             batch["image_id"],
-            batch["uri"],
+            batch.get("uri"),
+            decoded=decoded,
             config=self.config,
             worker=self.worker,
             members=self.members,
             mc_passes=self.mc_passes,
+            bf16=self.bf16,
         )
-
-
-def plan_actors(*, use_gpu: bool, num_actors: int | None) -> tuple[int, float]:
-    """How many actors, and CPUs per actor, so that the actors never take every CPU of the cluster.
-
-    Ray Data's read and write tasks need a CPU too: an actor pool holding all CPUs deadlocks on a small node.
-    On GPU there is one actor per GPU, on CPU one per core (each a fraction of a CPU, one torch thread),
-    unless ``num_actors`` says otherwise.
-    """
-    resources = ray.cluster_resources()
-    cpus, gpus = float(resources.get("CPU", 1)), int(resources.get("GPU", 0))
-    if use_gpu and gpus < 1:
-        raise RuntimeError("scoring.use_gpu is set but the Ray cluster has no GPU; unset it or add GPU nodes")
-    actors = num_actors or (gpus if use_gpu else max(1, int(cpus)))
-    cpus_per_actor = min(1.0, max(0.1, (cpus - 1.0) / actors))
-    return actors, round(cpus_per_actor, 2)
 
 
 def score_pool(
@@ -82,44 +86,58 @@ def score_pool(
     endpoint: str | None = None,
     member_uris: list[str] = (),
     mc_passes: int = 0,
+    split_decode: bool | None = None,
+    mixed_precision: bool = True,
+    placement_timeout_s: float = 30.0,
 ) -> str:
     """Score every manifest row into Parquet files under ``out_uri`` (overwritten, so a rerun is idempotent).
 
     ``member_uris`` (further ensemble members' weights) or ``mc_passes`` (T dropout passes) add the committee
-    columns that the ``ensemble`` and ``mc_dropout`` strategies select by.
+    columns that the ``ensemble`` and ``mc_dropout`` strategies select by. ``split_decode`` (default: with
+    ``use_gpu``) decodes in CPU tasks ahead of the model actors.
 
     Returns:
         ``out_uri``. Read it with :func:`almdn_ray.scoring.read_scores`.
     """
+    endpoint = endpoint or storage.configured_endpoint()
+    split_decode = use_gpu if split_decode is None else split_decode
     in_fs, in_path = storage.resolve(manifest_uri, endpoint=endpoint)
     out_fs, out_path = storage.resolve(out_uri, endpoint=endpoint)
-    actors, cpus_per_actor = plan_actors(use_gpu=use_gpu, num_actors=num_actors)
+    actors = placement.wait_for_fit(
+        lambda nodes: placement.plan_scoring(nodes, use_gpu=use_gpu, num_actors=num_actors),
+        timeout_s=placement_timeout_s,
+    )
     logger.info(
-        "scoring %s with %d actor(s) (%s CPU%s each) into %s",
-        manifest_uri,
-        actors,
-        cpus_per_actor,
-        ", 1 GPU" if use_gpu else "",
-        out_uri,
+        "scoring %s with %s%s into %s", manifest_uri, actors.describe(), ", decode in tasks" * split_decode, out_uri
     )
     dataset = ray.data.read_parquet(in_path, filesystem=in_fs).select_columns(["image_id", "uri"])
     # Small manifests arrive as one block, which one actor would score alone: cut them into blocks.
     dataset = dataset.repartition(target_num_rows_per_block=rows_per_block)
+    if split_decode:
+        dataset = dataset.map_batches(
+            decode_batch,
+            fn_kwargs={"image_size": spec.input_size, "endpoint": endpoint},
+            batch_size=batch_size,
+            batch_format="numpy",
+            num_cpus=1,
+        )
     scored = dataset.map_batches(
         PoolScorer,
         fn_constructor_kwargs={
             "spec": asdict(spec),
             "weights_uri": weights_uri,
             "postprocess": asdict(postprocess),
-            "threads": max(1, int(cpus_per_actor)),
+            "threads": placement.torch_threads(actors.cpus),
             "member_uris": list(member_uris),
             "mc_passes": mc_passes,
+            "mixed_precision": mixed_precision,
+            "endpoint": endpoint,
         },
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=cpus_per_actor,
-        num_gpus=1 if use_gpu else 0,
+        compute=ray.data.ActorPoolStrategy(size=actors.count),
+        num_cpus=actors.cpus,
+        num_gpus=actors.gpus,
     )  # Ray Data restarts dead actors and retries their batches by default
     scored.write_parquet(out_path, filesystem=out_fs, mode=ray.data.SaveMode.OVERWRITE)
     return out_uri

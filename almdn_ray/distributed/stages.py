@@ -7,9 +7,11 @@ import os
 
 import ray
 
+from almdn_ray import storage
 from almdn_ray.config import JobSpec
-from almdn_ray.cycle import StageFunctions, local_evaluate
-from almdn_ray.data.records import ImageRecord
+from almdn_ray.cycle import StageFunctions
+from almdn_ray.data.records import Dataset, ImageRecord
+from almdn_ray.distributed.evaluate import evaluate_remote
 from almdn_ray.distributed.score_pool import score_pool
 from almdn_ray.distributed.train import train_distributed
 from almdn_ray.model.detector import ModelSpec
@@ -18,31 +20,21 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["connect", "ray_stage_functions"]
 
-_FORWARDED = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-)
-
 
 def connect(job: JobSpec) -> None:
     """Attach to the cluster in ``RAY_ADDRESS`` (inside a Ray Job, or a cluster you started), else start a
-    local Ray. Storage settings are forwarded to the workers."""
+    local Ray.
+
+    Nothing is put in a runtime environment: Ray stores it with the job, where anyone holding the cluster's
+    token can read it. A local Ray's workers inherit this process's environment; a cluster's workers use the
+    cluster's own (its secret, instance profile or environment). The S3 endpoint travels with each stage.
+    """
+    storage.configure(endpoint=job.storage.endpoint)
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in _FORWARDED if k in os.environ}
-    if job.storage.endpoint:
-        env["AWS_ENDPOINT_URL"] = job.storage.endpoint
-    if "RAY_JOB_CONFIG_JSON_ENV_VAR" in os.environ:  # inside a Ray Job: `submit` already set the job's env
-        env = {}
     address = os.environ.get("RAY_ADDRESS")
     ray.init(
         address=address or "local",  # never attach to a cluster `ray start` recorded on this machine
-        runtime_env={"env_vars": env} if env else None,
         logging_level="WARNING",
         log_to_driver=False,
     )
@@ -58,22 +50,27 @@ def _train(
     run_name: str,
     init_weights_uri: str | None,
 ) -> str:
+    r = job.resources
     return train_distributed(
         records=records,
         spec=spec,
         recipe=job.train,
         storage_uri=storage_uri,
         run_name=run_name,
-        num_workers=job.resources.num_workers,
-        use_gpu=job.resources.use_gpu,
+        num_workers=r.num_workers,
+        use_gpu=r.use_gpu,
         init_weights_uri=init_weights_uri,
         endpoint=job.storage.endpoint,
+        cpus_per_worker=r.cpus_per_worker,
+        mixed_precision=r.mixed_precision,
+        placement_timeout_s=r.placement_timeout_s,
     ).model_uri
 
 
 def _score(
     manifest_uri: str, weights_uri: str, out_uri: str, spec: ModelSpec, job: JobSpec, member_uris: list[str] = ()
 ) -> None:
+    r = job.resources
     score_pool(
         manifest_uri=manifest_uri,
         weights_uri=weights_uri,
@@ -82,12 +79,30 @@ def _score(
         out_uri=out_uri,
         spec=spec,
         postprocess=job.acquisition.postprocess(),
-        use_gpu=job.resources.use_gpu,
-        num_actors=job.resources.scoring_actors,
-        batch_size=job.resources.scoring_batch_size,
+        use_gpu=r.use_gpu,
+        num_actors=r.scoring_actors,
+        batch_size=r.scoring_batch_size,
         endpoint=job.storage.endpoint,
+        split_decode=r.split_decode,
+        mixed_precision=r.mixed_precision,
+        placement_timeout_s=r.placement_timeout_s,
+    )
+
+
+def _evaluate(weights_uri: str, dataset: Dataset, spec: ModelSpec, job: JobSpec) -> dict:
+    r = job.resources
+    return evaluate_remote(
+        weights_uri,
+        dataset,
+        spec,
+        use_gpu=r.use_gpu,
+        batch_size=r.eval_batch_size,
+        cpus=r.cpus_per_worker,
+        mixed_precision=r.mixed_precision,
+        endpoint=job.storage.endpoint,
+        placement_timeout_s=r.placement_timeout_s,
     )
 
 
 def ray_stage_functions() -> StageFunctions:
-    return StageFunctions(train=_train, score=_score, evaluate=local_evaluate)
+    return StageFunctions(train=_train, score=_score, evaluate=_evaluate)

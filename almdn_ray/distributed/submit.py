@@ -13,12 +13,30 @@ from pathlib import Path
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 import almdn_ray
-from almdn_ray.config import load_spec
-from almdn_ray.distributed.stages import _FORWARDED
+from almdn_ray import storage
+from almdn_ray.config import SpecError, load_spec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["resolve_token", "client", "submit_job", "wait_for", "job_logs", "stop_job"]
+__all__ = ["resolve_token", "client", "cluster_environment", "submit_job", "wait_for", "job_logs", "stop_job"]
+
+# What the cluster's own environment (a Kubernetes secret, an instance profile, the nodes' environment) must
+# provide for S3 storage: `submit` never sends these; Ray would store them with the job for anyone to read.
+CLUSTER_CREDENTIALS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION")
+
+
+def cluster_environment(spec) -> str | None:
+    """What the cluster must provide for this job's storage, in one line (None for local storage)."""
+    uris = [spec.storage.uri, spec.dataset.train, spec.dataset.test, spec.model.backbone_weights or ""]
+    if not any(storage.is_remote(u) for u in uris):
+        return None
+    endpoint = f"; S3 endpoint {spec.storage.endpoint} (storage.endpoint)" if spec.storage.endpoint else ""
+    return (
+        "the cluster must provide S3 credentials itself: an instance profile / IAM role, or "
+        f"{', '.join(CLUSTER_CREDENTIALS[:2])} (and {', '.join(CLUSTER_CREDENTIALS[2:])} if used) in the nodes' "
+        f"environment (cluster/: the aws-credentials secret){endpoint}; nothing secret is sent with the job"
+    )
+
 
 TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 
@@ -57,6 +75,11 @@ def submit_job(
     read on the cluster: use absolute paths or ``s3://``.
     """
     spec = load_spec(job_file)  # refuse a bad spec before it reaches the cluster
+    if not storage.is_remote(spec.storage.uri) and not os.path.isabs(spec.storage.uri.removeprefix("file://")):
+        raise SpecError(
+            f"{job_file}: storage.uri {spec.storage.uri!r} is relative; on a cluster it would land in the job's "
+            "temporary folder and be deleted. Give an absolute path on shared storage or s3://bucket/prefix"
+        )
     folder = tempfile.mkdtemp(prefix="almdn-ray-job-")
     shutil.copy(job_file, os.path.join(folder, "job.yaml"))
     # The job runs this very version of the package: its source travels in the working directory, which
@@ -66,10 +89,12 @@ def submit_job(
         os.path.join(folder, "almdn_ray"),
         ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
     )
-    env = {k: os.environ[k] for k in _FORWARDED if k in os.environ}
+    needs = cluster_environment(spec)
+    if needs:
+        logger.info("%s", needs)
     job_id = client(address, token).submit_job(
         entrypoint="python -m almdn_ray run job.yaml",
-        runtime_env={"working_dir": folder, **({"env_vars": env} if env else {})},
+        runtime_env={"working_dir": folder},
         submission_id=submission_id,
         metadata={"almdn_ray_run": spec.storage.uri, "almdn_ray_name": spec.name},
     )

@@ -9,6 +9,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import ray
 import ray.train
 import ray.train.torch
 import torch
@@ -17,6 +18,8 @@ import torch.distributed as dist
 from almdn_ray import storage
 from almdn_ray.data.records import ImageRecord
 from almdn_ray.data.transforms import DetectionDataset, eval_transform, train_transform
+from almdn_ray.distributed import placement
+from almdn_ray.model.backbones import load_state_dict_file
 from almdn_ray.model.detector import ModelSpec
 from almdn_ray.training import TrainRecipe, train_worker
 
@@ -73,19 +76,34 @@ class RayTrainContext:
 
 def _worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO)
+    storage.configure(endpoint=config["endpoint"])
     torch.set_num_threads(config["threads"])
     spec, recipe = ModelSpec(**config["spec"]), TrainRecipe(**config["recipe"])
     size = spec.input_size
     transform = train_transform(size, flip=recipe.flip) if recipe.augment else eval_transform(size)
     init = config.get("init_weights")
     init_weights = torch.load(io.BytesIO(storage.read_bytes(init)), weights_only=True) if init else None
+    backbone = ray.get(config["backbone"]) if config["backbone"] is not None else None
     train_worker(
         spec=spec,
         dataset=DetectionDataset(config["records"], transform),
         recipe=recipe,
         context=RayTrainContext(),
         init_weights=init_weights,
+        backbone=backbone,
+        mixed_precision=config["mixed_precision"],
     )
+
+
+def _backbone_ref(spec: ModelSpec, storage_uri: str, run_name: str, init_weights_uri: str | None):
+    """The backbone file, read once here and shared through the object store, when training starts from it:
+    not for a warm start, nor when a checkpoint of this run exists (its weights replace the backbone's)."""
+    if spec.backbone_weights is None or init_weights_uri is not None:
+        return None
+    folder = storage.join(storage_uri, run_name)
+    if storage.exists(folder) and storage.list_files(folder, pattern="checkpoint_*/" + STATE_FILE):
+        return None
+    return ray.put(load_state_dict_file(spec.backbone_weights))
 
 
 @dataclass(frozen=True)
@@ -108,6 +126,9 @@ def train_distributed(
     max_failures: int = 1,
     init_weights_uri: str | None = None,
     endpoint: str | None = None,
+    cpus_per_worker: float | None = None,
+    mixed_precision: bool = True,
+    placement_timeout_s: float = 30.0,
 ) -> TrainResult:
     """Train with Ray Train (DDP: gloo on CPU, NCCL on GPU), checkpoints under ``storage_uri/run_name``.
 
@@ -115,11 +136,22 @@ def train_distributed(
     Train V2); a worker that dies is replaced and resumes from it too (``max_failures``). The final weights
     are written to ``storage_uri/model.pt``.
 
+    Each worker asks for what one node can give (:func:`~almdn_ray.distributed.placement.plan_workers`); a
+    request no node set can hold fails after ``placement_timeout_s`` naming the request and the nodes.
+
     Args:
         init_weights_uri: a ``state_dict`` to start from (warm start from the previous cycle's model).
+        cpus_per_worker: CPUs per worker (default: the most that places every worker).
+        mixed_precision: bf16 autocast on CUDA.
     """
+    endpoint = endpoint or storage.configured_endpoint()
     fs, path = storage.resolve(storage_uri, endpoint=endpoint)
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1) // num_workers))  # each worker's share of the CPUs
+    request = placement.wait_for_fit(
+        lambda nodes: placement.plan_workers(
+            nodes, what="training workers", count=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker
+        ),
+        timeout_s=placement_timeout_s,
+    )
     trainer = ray.train.torch.TorchTrainer(
         _worker,
         train_loop_config={
@@ -127,13 +159,14 @@ def train_distributed(
             "recipe": asdict(recipe),
             "records": records,
             "init_weights": init_weights_uri,
-            "threads": cpus,
+            "backbone": _backbone_ref(spec, storage_uri, run_name, init_weights_uri),
+            "threads": placement.torch_threads(request.cpus),
+            "endpoint": endpoint,
+            "mixed_precision": mixed_precision,
         },
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cpus, **({"GPU": 1} if use_gpu else {})},
+            num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=request.bundle()
         ),
         run_config=ray.train.RunConfig(
             name=run_name,
@@ -143,9 +176,7 @@ def train_distributed(
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
         ),
     )
-    logger.info(
-        "training %s on %d worker(s) (%s) into %s", run_name, num_workers, "GPU" if use_gpu else "CPU", storage_uri
-    )
+    logger.info("training %s with %s into %s", run_name, request.describe(), storage_uri)
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training {run_name} finished without a checkpoint in {storage_uri}")

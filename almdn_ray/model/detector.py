@@ -12,7 +12,7 @@ from torchvision.models.detection.ssd import SSDHead
 from torchvision.models.detection.ssdlite import SSDLiteHead
 
 from almdn_ray.model.anchors import ssd300_default_boxes, ssdlite_default_boxes
-from almdn_ray.model.backbones import mobilenet_v3_extractor, vgg16_extractor
+from almdn_ray.model.backbones import INPUT_NORMS, mobilenet_v3_extractor, vgg16_extractor
 from almdn_ray.model.gmm_head import MixtureHead, MixtureOutputs
 
 __all__ = ["Preset", "PRESETS", "ModelSpec", "SSDGMM", "PlainSSD", "build_ssdgmm", "build_plain_ssd"]
@@ -24,16 +24,15 @@ class Preset:
 
     backbone: str  # "vgg16" | "mobilenet_v3"
     image_size: int
-    image_mean: tuple[float, float, float]
-    image_std: tuple[float, float, float]
+    input_norm: str  # default input scaling, a key of backbones.INPUT_NORMS
     separable_head: bool
 
 
 PRESETS = {
-    # The paper's model. Mean/std as torchvision's SSD300 (inputs rescaled to 0-255, mean subtracted).
-    "ssd300_vgg16": Preset("vgg16", 300, (0.48235, 0.45882, 0.40784), (1 / 255, 1 / 255, 1 / 255), False),
+    # The paper's model. Input as torchvision's SSD300 and ssd.pytorch (0-255, ImageNet mean subtracted).
+    "ssd300_vgg16": Preset("vgg16", 300, "caffe", False),
     # Small and fast, for CPU: SSDLite with MobileNetV3-Large.
-    "ssdlite320_mobilenet_v3": Preset("mobilenet_v3", 320, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), True),
+    "ssdlite320_mobilenet_v3": Preset("mobilenet_v3", 320, "half", True),
 }
 
 
@@ -97,18 +96,21 @@ class PlainSSD(_SSDBase):
         return {**self.head(features), "anchors": anchors}
 
 
-def _parts(preset: str, *, anchor_set: str, backbone_weights, image_size, width_mult: float):
+def _parts(preset: str, *, anchor_set: str, backbone_weights, image_size, width_mult: float, input_norm=None):
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     spec = PRESETS[preset]
     size = image_size or spec.image_size
+    norm = input_norm or spec.input_norm
+    if norm not in INPUT_NORMS:
+        raise ValueError(f"model.input_norm: unknown {norm!r}; choose one of {sorted(INPUT_NORMS)}")
     if spec.backbone == "vgg16":
         if size != 300:
             raise ValueError(f"ssd300_vgg16 takes 300x300 inputs (its default boxes assume it), got image_size={size}")
-        backbone = vgg16_extractor(weights_path=backbone_weights)
+        backbone = vgg16_extractor(weights=backbone_weights, input_norm=norm)
         anchor_generator = ssd300_default_boxes(anchor_set)
     else:
-        backbone = mobilenet_v3_extractor(weights_path=backbone_weights, width_mult=width_mult)
+        backbone = mobilenet_v3_extractor(weights=backbone_weights, width_mult=width_mult)
         anchor_generator = ssdlite_default_boxes()
     with torch.no_grad():
         was_training = backbone.training
@@ -120,8 +122,8 @@ def _parts(preset: str, *, anchor_set: str, backbone_weights, image_size, width_
         backbone=backbone,
         anchor_generator=anchor_generator,
         image_size=size,
-        image_mean=spec.image_mean,
-        image_std=spec.image_std,
+        image_mean=INPUT_NORMS[norm][0],
+        image_std=INPUT_NORMS[norm][1],
     )
     return spec, base, in_channels, anchor_generator.num_anchors_per_location()
 
@@ -132,10 +134,11 @@ def build_ssdgmm(
     num_classes: int,
     num_components: int = 4,
     anchor_set: str = "voc",
-    backbone_weights: str | Path | None = None,
+    backbone_weights: str | Path | dict | None = None,
     image_size: int | None = None,
     width_mult: float = 1.0,
     dropout: float = 0.0,
+    input_norm: str | None = None,
 ) -> SSDGMM:
     """Build an SSD-GMM from a preset.
 
@@ -144,13 +147,20 @@ def build_ssdgmm(
         num_classes: C, background included (21 for VOC).
         num_components: K mixture components (4 in the paper).
         anchor_set: ``"voc"`` or ``"coco"`` default-box scales (ssd300_vgg16 only).
-        backbone_weights: path of an ImageNet ``state_dict`` for the backbone; None trains from scratch.
+        backbone_weights: an ImageNet ``state_dict`` for the backbone, or its file (path, ``file://``, ``s3://``);
+            None trains from scratch.
         image_size: input side in pixels (only the small preset can change it; <= 320).
         width_mult: backbone channel multiplier (small preset only).
         dropout: dropout on the head's input feature maps (for MC-dropout scoring; 0 = none).
+        input_norm: input scaling (``caffe``, ``imagenet``, ``half``); None: the preset's.
     """
     spec, base, in_channels, num_anchors = _parts(
-        preset, anchor_set=anchor_set, backbone_weights=backbone_weights, image_size=image_size, width_mult=width_mult
+        preset,
+        anchor_set=anchor_set,
+        backbone_weights=backbone_weights,
+        image_size=image_size,
+        width_mult=width_mult,
+        input_norm=input_norm,
     )
     head = MixtureHead(
         in_channels=in_channels,
@@ -197,6 +207,7 @@ class ModelSpec:
     backbone_weights: str | None = None
     width_mult: float = 1.0
     dropout: float = 0.0  # on the head's inputs; > 0 for the mc_dropout strategy
+    input_norm: str | None = None  # caffe | imagenet | half; None: the preset's (caffe for VGG16, half for SSDLite)
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -207,12 +218,20 @@ class ModelSpec:
             raise ValueError(f"model.num_components must be >= 1, got {self.num_components}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.input_norm is not None and self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"model.input_norm: unknown {self.input_norm!r}; choose one of {sorted(INPUT_NORMS)}")
 
     @property
     def input_size(self) -> int:
         return self.image_size or PRESETS[self.preset].image_size
 
-    def build(self) -> SSDGMM:
+    def build(self, *, backbone: dict | str | None = None) -> SSDGMM:
+        """The model, its backbone from ``backbone`` (a state_dict or file) when given, else freshly initialised.
+
+        ``backbone_weights`` is not read here: a model that loads trained weights next needs no ImageNet
+        file, and training reads it once (:func:`almdn_ray.model.backbones.load_state_dict_file`) and hands
+        the tensors to every worker.
+        """
         if self.num_classes is None:
             raise ValueError("model.num_classes is not set; it comes from the dataset (background included)")
         return build_ssdgmm(
@@ -220,7 +239,8 @@ class ModelSpec:
             num_classes=self.num_classes,
             num_components=self.num_components,
             anchor_set=self.anchor_set,
-            backbone_weights=self.backbone_weights,
+            backbone_weights=backbone,
+            input_norm=self.input_norm,
             image_size=self.image_size,
             width_mult=self.width_mult,
             dropout=self.dropout,
