@@ -113,14 +113,14 @@ def score_images(
                 axis=1,
             ).astype(np.float64)
         committee = (readable[np.repeat(np.arange(len(voted)), counts)], c_values)
-    summary = acquisition.summarize(readable[index], values, len(uris), entropy, committee)
-    seconds = (time.perf_counter() - start) / max(len(uris), 1)
+    summary = acquisition.summarize(readable[index], values, len(image_ids), entropy, committee)
+    seconds = (time.perf_counter() - start) / max(len(image_ids), 1)
     return {
         "image_id": np.asarray(image_ids, dtype=object),
         **summary,
-        "seconds": np.full(len(uris), seconds),
+        "seconds": np.full(len(image_ids), seconds),
         "error": np.asarray(errors, dtype=object),
-        "worker": np.full(len(uris), worker, dtype=object),
+        "worker": np.full(len(image_ids), worker, dtype=object),
     }
 
 

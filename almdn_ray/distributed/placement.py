@@ -146,14 +146,15 @@ def plan_scoring(nodes: list[Node], *, use_gpu: bool, num_actors: int | None) ->
     if use_gpu:
         gpus = sum(math.floor(n.gpus) for n in candidates)
         cpus = min([1.0] + [max(0.1, (n.cpus - 1.0) / max(n.gpus, 1.0)) for n in candidates])
-        request = Request("scoring actors", num_actors or gpus, round(cpus, 2), 1.0)
+        request = Request("scoring actors", num_actors or gpus, math.floor(100 * cpus) / 100, 1.0)
         if not candidates or not fits(request, candidates):
             raise _error(request, nodes, "lower resources.scoring_actors, add GPU nodes or unset use_gpu")
         return request
     total = sum(n.cpus for n in candidates)
     actors = num_actors or max(1, int(total))
     reserve = max(1.0, float(len(candidates)))  # one CPU per node for reading and writing
-    request = Request("scoring actors", actors, round(min(1.0, max(0.1, (total - reserve) / actors)), 2))
+    share = math.floor(100 * min(1.0, max(0.1, (total - reserve) / actors))) / 100  # rounded down: keep the reserve
+    request = Request("scoring actors", actors, share)
     if not fits(request, candidates):
         raise _error(request, nodes, "lower resources.scoring_actors or add nodes")
     return request

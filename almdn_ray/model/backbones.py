@@ -203,7 +203,11 @@ def _read(uri) -> tuple[dict, str]:
 
 
 def mobilenet_v3_extractor(
-    *, weights: str | Path | dict | None = None, trainable_layers: int = 6, width_mult: float = 1.0
+    *,
+    weights: str | Path | dict | None = None,
+    trainable_layers: int = 6,
+    width_mult: float = 1.0,
+    reduced_tail: bool | None = None,
 ) -> nn.Module:
     """The SSDLite MobileNetV3-Large feature extractor (six feature maps, 1/16 … 1/320 of the input).
 
@@ -212,10 +216,14 @@ def mobilenet_v3_extractor(
             ignored).
         trainable_layers: stages left trainable, counted from the last (6 = all).
         width_mult: channel multiplier of the backbone (1.0 for ImageNet weights; smaller is faster).
+        reduced_tail: halve the last stage's channels (SSDLite from scratch); ImageNet weights need the full
+            tail. Default: reduced without ``weights``. A model that is trained from ImageNet weights and later
+            rebuilt to load its trained state must pass False then too.
     """
     norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
+    reduced_tail = weights is None if reduced_tail is None else reduced_tail
     classifier = mobilenet_v3_large(
-        weights=None, norm_layer=norm_layer, reduced_tail=weights is None, width_mult=width_mult
+        weights=None, norm_layer=norm_layer, reduced_tail=reduced_tail, width_mult=width_mult
     )
     if weights is not None:
         state, source = (weights, "backbone state") if isinstance(weights, dict) else _read(weights)

@@ -96,7 +96,9 @@ class PlainSSD(_SSDBase):
         return {**self.head(features), "anchors": anchors}
 
 
-def _parts(preset: str, *, anchor_set: str, backbone_weights, image_size, width_mult: float, input_norm=None):
+def _parts(
+    preset: str, *, anchor_set: str, backbone_weights, image_size, width_mult: float, input_norm=None, pretrained=None
+):
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
     spec = PRESETS[preset]
@@ -110,7 +112,8 @@ def _parts(preset: str, *, anchor_set: str, backbone_weights, image_size, width_
         backbone = vgg16_extractor(weights=backbone_weights, input_norm=norm)
         anchor_generator = ssd300_default_boxes(anchor_set)
     else:
-        backbone = mobilenet_v3_extractor(weights=backbone_weights, width_mult=width_mult)
+        full = backbone_weights is not None if pretrained is None else pretrained
+        backbone = mobilenet_v3_extractor(weights=backbone_weights, width_mult=width_mult, reduced_tail=not full)
         anchor_generator = ssdlite_default_boxes()
     with torch.no_grad():
         was_training = backbone.training
@@ -139,6 +142,7 @@ def build_ssdgmm(
     width_mult: float = 1.0,
     dropout: float = 0.0,
     input_norm: str | None = None,
+    pretrained: bool | None = None,
 ) -> SSDGMM:
     """Build an SSD-GMM from a preset.
 
@@ -153,6 +157,8 @@ def build_ssdgmm(
         width_mult: backbone channel multiplier (small preset only).
         dropout: dropout on the head's input feature maps (for MC-dropout scoring; 0 = none).
         input_norm: input scaling (``caffe``, ``imagenet``, ``half``); None: the preset's.
+        pretrained: the architecture of a backbone made for ImageNet weights (the small preset's full tail)
+            even when ``backbone_weights`` is not loaded now; None: whether it is given.
     """
     spec, base, in_channels, num_anchors = _parts(
         preset,
@@ -161,6 +167,7 @@ def build_ssdgmm(
         image_size=image_size,
         width_mult=width_mult,
         input_norm=input_norm,
+        pretrained=pretrained,
     )
     head = MixtureHead(
         in_channels=in_channels,
@@ -241,6 +248,7 @@ class ModelSpec:
             anchor_set=self.anchor_set,
             backbone_weights=backbone,
             input_norm=self.input_norm,
+            pretrained=self.backbone_weights is not None,
             image_size=self.image_size,
             width_mult=self.width_mult,
             dropout=self.dropout,

@@ -7,25 +7,37 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_scoring_on_a_three_node_cluster_with_a_node_removed_and_logical_gpus(tmp_path):
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+def test_training_scoring_and_eval_on_clusters_shaped_like_the_cluster_files(tmp_path):
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+        "PYTHONPATH": str(ROOT),
+    }
+    env.pop("RAY_ADDRESS", None)
     done = subprocess.run(
-        [sys.executable, "-m", "tests.distributed.cluster_scoring", str(tmp_path)],
+        [sys.executable, "-m", "tests.distributed.cluster_shapes", str(tmp_path)],
         cwd=ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=540,
+        timeout=600,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["nodes"] == 4
-    # Actors spread over the nodes; every row exactly once.
-    assert report["spread_rows"] == report["spread_ids"] == 160
-    assert report["spread_nodes"] >= 2
-    # A node removed while scoring ran: still every row exactly once.
+    assert report["head_cpus"] == 0  # as both files start the head
+    # CPU-only shape: 2 training workers of 8 CPUs each placed on the two 8-CPU nodes, trained in step.
+    assert report["train_iteration"] == 4 and report["train_weight_spread"] == 0 and report["train_model"]
+    # Scoring spreads over both nodes, never the head; a node removed mid-run loses no row and repeats none.
+    assert report["spread_ids"] and report["spread_nodes"] == 2 and not report["spread_on_head"]
     assert report["removed_while_running"]
-    assert report["removed_rows"] == report["removed_ids"] == 160
-    # Two logical GPUs: one GPU per actor, one actor per GPU, all on the GPU node.
-    assert report["gpu_plan"][0] == 2
-    assert report["gpu_rows"] == 160 and report["gpu_workers"] == 2 and report["gpu_node"]
+    assert report["removed_rows"] == report["removed_ids"] == 48
+    # GPU shape: one model actor per GPU node, decode tasks ahead of them, the same rows as one process.
+    assert report["gpu_workers"] == 4 and report["gpu_on_workers_only"] and report["gpu_equals_reference"]
+    assert report["eval_on_worker"] and report["eval_images"] == 8
+    # 5 GPU workers on 4 GPU nodes: refused within a minute, naming the request and every node.
+    assert report["impossible_s"] < 60, report["impossible_s"]
+    assert "cannot place training workers: 5 x {1 CPU, 1 GPU}" in report["impossible"], report["impossible"]
+    assert report["impossible"].count("8 CPU, 1 GPU;") + report["impossible"].count("8 CPU, 1 GPU)") == 4
+    assert report["impossible"].count("worker ") == 4 and "head " in report["impossible"]
