@@ -42,9 +42,14 @@ def start_head(**auth):
         "RAY_USAGE_STATS_ENABLED": "0",
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        # The cluster's own S3 credentials (moto takes any); no endpoint: a job must bring storage.endpoint.
+        "AWS_ACCESS_KEY_ID": "cluster-key-id",
+        "AWS_SECRET_ACCESS_KEY": "cluster-secret",
+        "AWS_REGION": "us-east-1",
         **auth,
     }
-    env.pop("RAY_ADDRESS", None)
+    for key in ("RAY_ADDRESS", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN"):
+        env.pop(key, None)
     ports = [
         "--port",
         str(gcs),
@@ -117,11 +122,11 @@ def demo(tmp_path_factory):
     )
 
 
-def write_job(path: Path, demo, run_uri: str, *, cycles: int = 2) -> Path:
+def write_job(path: Path, demo, run_uri: str, *, cycles: int = 2, endpoint: str | None = None) -> Path:
     spec = {
         "name": "e2e",
         "seed": 3,
-        "storage": {"uri": run_uri},
+        "storage": {"uri": run_uri, "endpoint": endpoint},
         "dataset": {"train": str(demo["pool"]), "test": str(demo["test"])},
         "model": {"preset": "ssdlite320_mobilenet_v3", "image_size": 96},
         "train": {
@@ -208,16 +213,57 @@ def test_a_driver_killed_in_train_in_score_and_after_select_resumes_to_the_same_
     assert len(set(labeled_ids(layout, 1))) == 16  # 10 + 6, none twice
 
 
-def test_submit_to_a_cluster_then_status_from_storage(cluster, demo, tmp_path):
-    job = write_job(tmp_path / "job.yaml", demo, str(tmp_path / "run"), cycles=1)
+def upload(folder: Path, prefix: str) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            storage.write_bytes(f"{prefix}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+
+
+def test_submit_with_storage_endpoint_runs_on_s3_and_sends_no_credentials(
+    cluster, demo, s3_endpoint, s3_bucket, tmp_path
+):
+    # Dataset, images and run all in S3; the cluster knows no endpoint (only its own keys), the job names it.
+    upload(Path(demo["pool"]).parent, f"{s3_bucket}/demo")
+    run = f"{s3_bucket}/runs/submitted"
+    job = write_job(tmp_path / "job.yaml", demo, run, cycles=1, endpoint=s3_endpoint)
+    spec = yaml.safe_load(job.read_text())
+    spec["dataset"] = {"train": f"{s3_bucket}/demo/pool.json", "test": f"{s3_bucket}/demo/test.json"}
+    job.write_text(yaml.safe_dump(spec))
+    laptop = {
+        "AWS_ACCESS_KEY_ID": "laptop-key-id-4242",
+        "AWS_SECRET_ACCESS_KEY": "laptop-secret-4242",
+        "AWS_SESSION_TOKEN": "laptop-session-4242",
+        "AWS_ENDPOINT_URL": None,
+        "RAY_AUTH_MODE": "disabled",
+    }
     result = runner.invoke(
-        app, ["submit", str(job), "--address", cluster["dashboard"], "--wait"], env={"RAY_AUTH_MODE": "disabled"}
+        app,
+        ["submit", str(job), "--address", cluster["dashboard"], "--wait", "--submission-id", "almdn-s3-endpoint"],
+        env=laptop,
     )
     assert result.exit_code == 0, result.output
     assert "status: SUCCEEDED" in result.output
-    status = runner.invoke(app, ["status", str(tmp_path / "run")])
-    assert status.exit_code == 0
+    assert "the cluster must provide S3 credentials" in result.output
+    from ray.job_submission import JobSubmissionClient
+
+    info = JobSubmissionClient(cluster["dashboard"]).get_job_info("almdn-s3-endpoint")
+    listed = subprocess.run(
+        [str(Path(sys.executable).parent / "ray"), "job", "list", "--address", cluster["dashboard"]],
+        env={**cluster["env"]},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    stored = repr((info.runtime_env, info.metadata, info.entrypoint)) + listed.stdout
+    assert "almdn-s3-endpoint" in listed.stdout
+    for secret in ("laptop-key-id-4242", "laptop-secret-4242", "laptop-session-4242", "AWS_SECRET_ACCESS_KEY"):
+        assert secret not in stored
+    status = runner.invoke(app, ["status", run, "--endpoint", s3_endpoint], env={"AWS_ENDPOINT_URL": None})
+    assert status.exit_code == 0, status.output
     assert "finished" in status.output and "cycle 0: 10 labelled, done: train, eval" in status.output
+    metrics = storage.read_json(RunLayout(run).cycle(0, "metrics.json"))
+    assert metrics["num_images"] == 8 and metrics["eval_node"]  # EVAL ran as a Ray task
 
 
 def test_a_tiny_run_with_its_storage_in_s3(ray_session, demo, s3_bucket, tmp_path):

@@ -1,6 +1,7 @@
 import logging
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from torch.utils.data import DataLoader
@@ -113,3 +114,27 @@ def test_training_on_demo_data_lifts_voc_map_well_above_the_untrained_model(demo
     assert set(after["coco"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
     assert after["coco"]["AP50"] > before["coco"]["AP50"] and after["coco"]["AP50"] >= after["coco"]["AP"]
     assert set(after["ap_voc07"]) <= set(test.classes) and after["num_images"] == 48
+    check_bf16_selects_what_float32_selects(model.eval(), pool)
+
+
+def check_bf16_selects_what_float32_selects(model, pool, budget=20):
+    """The demo model scored under bf16 autocast (as on CUDA) and in float32: the same AL-MDN selection.
+
+    Tolerance (documented in README): the selected sets may differ only by images whose float32 scores are
+    within 0.05 (in z-score units) of the budget's cut-off, i.e. ties up to bf16's precision.
+    """
+    from almdn_ray.data.manifest import rows_from_dataset
+    from almdn_ray.reduce import select_from_scores
+    from almdn_ray.scoring import score_table
+
+    manifest = pa.table(dict(zip(["image_id", "uri", "width", "height"], zip(*rows_from_dataset(pool)))))
+    fp32 = score_table(model, manifest, batch_size=16)
+    bf16 = score_table(model, manifest, batch_size=16, bf16=True)
+    assert fp32.column("n_det").to_pylist() != [0] * fp32.num_rows  # the model detects: the check has teeth
+    full = select_from_scores(fp32, fp32.num_rows)
+    z = dict(zip(full.image_ids.tolist(), full.scores.tolist()))
+    cut = full.scores[budget - 1]
+    a = set(select_from_scores(fp32, budget).image_ids.tolist())
+    b = set(select_from_scores(bf16, budget).image_ids.tolist())
+    log.info("bf16 vs float32 selection of %d: %d in common", budget, len(a & b))
+    assert all(abs(z[i] - cut) <= 0.05 for i in a ^ b), sorted((i, z[i]) for i in a ^ b)
