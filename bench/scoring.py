@@ -5,8 +5,12 @@ Side by side in one run, on the same images and model:
    ``scoring.score_table`` (one process), at 1k and 10k small pool images. Target: >= 0.85.
 2. ``reduce.select_from_scores`` (the pool reduce + top-budget selection) over 10 million synthetic
    per-image rows: seconds and peak memory. Target: < 10 s and < 3 GB.
+3. The stage split on 500x375 JPEGs (VOC's size), per core: decode + resize alone, the model pass alone
+   (forward + per-image summary on pre-decoded pixels), and the Ray Data pipeline with decoding in the model
+   actors (the CPU default) beside decoding in CPU tasks ahead of them (the GPU default). On a CUDA machine
+   the forward and the pipeline are also measured on the GPU (bf16), with the GPU's busy share.
 
-    python bench/scoring.py [--sizes 1000 10000] [--image-size 64] [--reduce-rows 10000000]
+    python bench/scoring.py [--sizes 1000 10000] [--image-size 64] [--reduce-rows 10000000] [--stage-images 400]
 """
 
 from __future__ import annotations
@@ -94,6 +98,79 @@ def bench_throughput(sizes: list[int], image_size: int, workdir: Path) -> None:
         print(f"| marginal {small}->{large} | {loop_rate:.0f} | {ray_rate:.0f} | {ray_rate / loop_rate:.2f} |")
 
 
+def write_jpegs(folder: Path, count: int) -> str:
+    from PIL import Image
+
+    from almdn_ray.data.manifest import write_manifest
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    base = (rng.random((375, 500, 3)) * 255).astype(np.uint8)
+    rows = []
+    for i in range(count):
+        path = folder / f"{i:06d}.jpg"
+        Image.fromarray(np.roll(base, i * 7, axis=1)).save(path, quality=90)
+        rows.append((f"{i:06d}", str(path), 500, 375))
+    write_manifest(rows, str(folder / "manifest"), rows_per_shard=100)
+    return str(folder / "manifest")
+
+
+def bench_stages(count: int, workdir: Path, image_size: int = 320) -> None:
+    """Images/s per core of each scoring stage, and of the two pipeline shapes, side by side."""
+    import ray
+    import torch
+
+    from almdn_ray import scoring
+    from almdn_ray.data.manifest import read_manifest
+    from almdn_ray.distributed.score_pool import score_pool
+    from almdn_ray.model import ModelSpec
+
+    cores = os.cpu_count() or 1
+    manifest = write_jpegs(workdir / "jpegs", count)
+    uris = read_manifest(manifest).column("uri").to_pylist()
+    ids = read_manifest(manifest).column("image_id").to_pylist()
+    spec = ModelSpec(preset="ssdlite320_mobilenet_v3", num_classes=21, image_size=image_size)
+    torch.manual_seed(0)
+    weights = workdir / "stage-model.pt"
+    torch.save(spec.build().state_dict(), weights)
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    decoded = scoring.decode_images(uris, image_size)
+    decode_rate = count / (time.perf_counter() - start)
+    model = scoring.load_model(spec, str(weights))
+    batch = 16
+    start = time.perf_counter()
+    for i in range(0, count, batch):
+        part = (decoded[0][i : i + batch], decoded[1][i : i + batch])
+        scoring.score_images(model, ids[i : i + batch], decoded=part)
+    forward_rate = count / (time.perf_counter() - start)
+    torch.set_num_threads(cores)
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    rates = {}
+    for split in (False, True):
+        start = time.perf_counter()
+        score_pool(
+            manifest_uri=manifest, weights_uri=str(weights), out_uri=str(workdir / f"stage-scores-{split}"),
+            spec=spec, batch_size=batch, rows_per_block=50, split_decode=split,
+        )  # fmt: skip
+        rates[split] = count / (time.perf_counter() - start)
+    ray.shutdown()
+    print(f"stage split, {count} JPEGs 500x375 -> {image_size}px, small preset, batch {batch}, {cores} CPUs:\n")
+    print("| stage | img/s | img/s per core |")
+    print("|---|---|---|")
+    print(f"| decode + resize (1 thread) | {decode_rate:.0f} | {decode_rate:.0f} |")
+    print(f"| forward + summary (1 thread) | {forward_rate:.0f} | {forward_rate:.0f} |")
+    for split, label in (
+        (False, "pipeline, decode in the model actors (CPU default)"),
+        (True, "pipeline, decode in CPU tasks (GPU default)"),
+    ):
+        print(f"| {label} | {rates[split]:.0f} | {rates[split] / cores:.1f} |")
+    print(f"\nsplit / fused pipeline on CPU: {rates[True] / rates[False]:.2f}")
+    if not torch.cuda.is_available():
+        print("no CUDA device here: the GPU rows (forward and pipeline in bf16, GPU busy %) were not measured\n")
+
+
 def bench_reduce(rows: int, budget: int = 1000) -> None:
     """Write 10M synthetic score rows to Parquet, then time the reduce in a fresh process (clean peak RSS)."""
     import subprocess
@@ -159,6 +236,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000])
     parser.add_argument("--image-size", type=int, default=96, help="model input side")
     parser.add_argument("--reduce-rows", type=int, default=10_000_000)
+    parser.add_argument("--stage-images", type=int, default=400, help="JPEGs for the stage split (0: skip)")
     parser.add_argument("--reduce-file", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=1000, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -168,6 +246,8 @@ def main() -> None:
     print(f"# bench/scoring.py — {platform.machine()}, {os.cpu_count()} CPUs")
     bench_reduce(args.reduce_rows)  # first, so that the peak memory it reports is not Ray's
     with tempfile.TemporaryDirectory() as folder:
+        if args.stage_images:
+            bench_stages(args.stage_images, Path(folder))
         bench_throughput(args.sizes, args.image_size, Path(folder))
 
 
