@@ -1,11 +1,10 @@
-"""Training and inference loops for SSD-GMM, with no Ray: the distributed layer calls these."""
+"""One training step, BatchNorm recalibration and inference for SSD-GMM, with no Ray. The one training loop
+is :func:`almdn_ray.training.train_worker` (local or on Ray Train workers)."""
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -20,32 +19,17 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "Batch",
-    "EpochResult",
     "collate",
     "use_bf16",
     "forward",
     "prepare_for_device",
     "train_step",
-    "train_one_epoch",
     "recalibrate_batch_norm",
     "predict",
     "predict_committee",
 ]
 
 Batch = tuple[Tensor, list[dict[str, Tensor]]]  # images [B, 3, H, W] in [0, 1], per-image targets
-
-
-@dataclass
-class EpochResult:
-    """Per-iteration losses of one pass (plain floats, already divided by the positives)."""
-
-    total: list[float] = field(default_factory=list)
-    loc: list[float] = field(default_factory=list)
-    cls: list[float] = field(default_factory=list)
-
-    @property
-    def num_iterations(self) -> int:
-        return len(self.total)
 
 
 def collate(samples: Sequence[tuple[Tensor, dict[str, Tensor]]]) -> Batch:
@@ -79,11 +63,6 @@ def forward(model: nn.Module, images: Tensor, *, bf16: bool = False) -> MixtureO
     return MixtureOutputs(*(t.float() for t in outputs)) if bf16 else outputs
 
 
-def _to_device(batch: Batch, device: torch.device) -> Batch:
-    images, targets = batch
-    return images.to(device, non_blocking=True), [{k: v.to(device) for k, v in t.items()} for t in targets]
-
-
 def train_step(
     model: nn.Module,
     batch: Batch,
@@ -104,48 +83,6 @@ def train_step(
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     optimizer.step()
     return LossTerms(terms.total.detach(), terms.loc.detach(), terms.cls.detach(), terms.num_positives)
-
-
-def train_one_epoch(
-    model: nn.Module,
-    batches: Iterable[Batch],
-    optimizer: torch.optim.Optimizer,
-    loss_fn: MultiboxMixtureLoss,
-    *,
-    device: torch.device | str | None = None,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
-    grad_clip: float | None = None,
-    max_iterations: int | None = None,
-    log_every: int = 50,
-) -> EpochResult:
-    """Train over ``batches`` (one pass, or ``max_iterations`` steps), stepping ``scheduler`` per iteration.
-
-    Raises:
-        FloatingPointError: the loss became NaN or infinite (the caller decides how to recover).
-    """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    result = EpochResult()
-    for batch in batches:
-        if max_iterations is not None and result.num_iterations >= max_iterations:
-            break
-        terms = train_step(model, _to_device(batch, device), optimizer, loss_fn, grad_clip=grad_clip)
-        total = float(terms.total)
-        if not math.isfinite(total):
-            raise FloatingPointError(f"loss is {total} at iteration {result.num_iterations}")
-        result.total.append(total)
-        result.loc.append(float(terms.loc))
-        result.cls.append(float(terms.cls))
-        if scheduler is not None:
-            scheduler.step()
-        if log_every and result.num_iterations % log_every == 0:
-            logger.info(
-                "iteration %d: loss %.4f (loc %.4f, cls %.4f)",
-                result.num_iterations,
-                total,
-                result.loc[-1],
-                result.cls[-1],
-            )
-    return result
 
 
 @torch.no_grad()

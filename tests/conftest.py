@@ -75,5 +75,8 @@ def ray_session(s3_endpoint):
     context.print_on_execution_start = False
     context.execution_options.verbose_progress = False
     context.execution_no_progress_timeout_s = 120
+    # Actor pools start work once all their actors are up: which actor scores which block is then not a race
+    # against a slow actor start (tests assert that every actor took part).
+    context.wait_for_min_actors_s = 120
     yield ray
     ray.shutdown()

@@ -4,14 +4,13 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
-from almdn_ray import engine
 from almdn_ray.data import read_coco
 from almdn_ray.data.demo import DemoConfig, build_demo
 from almdn_ray.data.transforms import DetectionDataset, eval_transform
 from almdn_ray.evaluation import coco_metrics, evaluate, voc_average_precision, voc_mean_ap
-from almdn_ray.model import MultiboxMixtureLoss, build_ssdgmm
+from almdn_ray.model import ModelSpec
+from almdn_ray.training import LocalContext, TrainRecipe, train_worker
 
 log = logging.getLogger(__name__)
 
@@ -86,24 +85,15 @@ def demo(tmp_path_factory):
 
 def test_training_on_demo_data_lifts_voc_map_well_above_the_untrained_model(demo):
     pool, test = demo
+    spec = ModelSpec(preset="ssdlite320_mobilenet_v3", num_classes=pool.num_classes, image_size=128)
     torch.manual_seed(0)
-    model = build_ssdgmm("ssdlite320_mobilenet_v3", num_classes=pool.num_classes, image_size=128)
-    before = evaluate(model, test)
-    loader = DataLoader(
-        DetectionDataset(pool.records, eval_transform(128)),
-        batch_size=8,
-        shuffle=True,
-        collate_fn=engine.collate,
-        drop_last=True,
-    )
-    optimizer = torch.optim.Adam(model.parameters(), lr=4e-3)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=6e-3, total_steps=300, pct_start=0.15)
-    loss_fn, done = MultiboxMixtureLoss(), 0
-    while done < 300:
-        done += engine.train_one_epoch(
-            model, loader, optimizer, loss_fn, scheduler=schedule, max_iterations=300 - done, log_every=0
-        ).num_iterations
-    engine.recalibrate_batch_norm(model, loader, num_batches=10)
+    before = evaluate(spec.build(), test)
+    recipe = TrainRecipe(
+        max_iterations=300, batch_size=8, optimizer="adam", lr=6e-3, warmup_iterations=45, warmup_power=1.0,
+        lr_steps=(200, 260), lr_gamma=0.2, checkpoint_every=100, augment=False, precise_bn_batches=10,
+    )  # fmt: skip
+    dataset = DetectionDataset(pool.records, eval_transform(128))
+    model = train_worker(spec=spec, dataset=dataset, recipe=recipe, context=LocalContext()).eval()
     after = evaluate(model, test)
     log.info(
         "demo VOC07 mAP: untrained %.4f, trained %.4f; COCO %s", before["map_voc07"], after["map_voc07"], after["coco"]
@@ -120,8 +110,9 @@ def test_training_on_demo_data_lifts_voc_map_well_above_the_untrained_model(demo
 def check_bf16_selects_what_float32_selects(model, pool, budget=20):
     """The demo model scored under bf16 autocast (as on CUDA) and in float32: the same AL-MDN selection.
 
-    Tolerance (documented in README): the selected sets may differ only by images whose float32 scores are
-    within 0.05 (in z-score units) of the budget's cut-off, i.e. ties up to bf16's precision.
+    Tolerance (documented in README): at most a tenth of the budget may swap, and only images whose float32
+    scores lie within 0.1 (z-score units, i.e. a tenth of the pool's std of a term) of the budget's cut-off:
+    ties up to bf16's ~3 significant digits.
     """
     from almdn_ray.data.manifest import rows_from_dataset
     from almdn_ray.reduce import select_from_scores
@@ -136,5 +127,7 @@ def check_bf16_selects_what_float32_selects(model, pool, budget=20):
     cut = full.scores[budget - 1]
     a = set(select_from_scores(fp32, budget).image_ids.tolist())
     b = set(select_from_scores(bf16, budget).image_ids.tolist())
-    log.info("bf16 vs float32 selection of %d: %d in common", budget, len(a & b))
-    assert all(abs(z[i] - cut) <= 0.05 for i in a ^ b), sorted((i, z[i]) for i in a ^ b)
+    gaps = [abs(z[i] - cut) for i in a ^ b]
+    log.info("bf16 vs float32 selection of %d: %d in common; swapped at %s of the cut-off", budget, len(a & b), gaps)
+    assert len(a & b) >= 0.9 * budget
+    assert all(gap <= 0.1 for gap in gaps), (cut, sorted((i, z[i]) for i in a ^ b))
