@@ -191,17 +191,19 @@ def run(job_file: Path = typer.Argument(..., help="Job spec YAML (see jobs/)."))
     from almdn_ray.config import SpecError
     from almdn_ray.cycle import Driver
     from almdn_ray.data.records import DatasetError
+    from almdn_ray.model.backbones import BackboneWeightsError
     from almdn_ray.report import write_report
     from almdn_ray.state import LeaseError
 
     job = _load(job_file)
     try:
+        from almdn_ray.distributed.placement import PlacementError
         from almdn_ray.distributed.stages import connect, ray_stage_functions
 
         driver = Driver(job, ray_stage_functions(), progress=lambda m: typer.echo(f"[almdn-ray] {m}"))
         connect(job)
         state = driver.run()
-    except (SpecError, LeaseError, DatasetError, FileNotFoundError) as error:
+    except (SpecError, LeaseError, DatasetError, FileNotFoundError, BackboneWeightsError, PlacementError) as error:
         raise _fail(str(error)) from error
     if state.status == "finished":
         paths = write_report(job.storage.uri)

@@ -44,3 +44,30 @@ def test_every_command_names_its_error(tmp_path):
         result = runner.invoke(app, args)
         assert result.exit_code == 1, (args, result.output)
         assert message in " ".join(result.output.split()), (args, result.output)
+
+
+def test_run_that_fits_no_node_fails_naming_the_request_and_the_nodes(ray_session, tmp_path):
+    import yaml
+
+    from almdn_ray.data.demo import DemoConfig, build_demo
+
+    demo = build_demo(
+        tmp_path / "demo", pool_images=12, test_images=2, config=DemoConfig(image_size=96, digit_size=(24, 48))
+    )
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        yaml.safe_dump(
+            {
+                "storage": {"uri": str(tmp_path / "run")},
+                "dataset": {"train": str(demo["pool"]), "test": str(demo["test"])},
+                "model": {"image_size": 96},
+                "acquisition": {"initial_labeled": 4, "budget": 2, "cycles": 1},
+                "resources": {"cpus_per_worker": 64, "placement_timeout_s": 0},
+            }
+        )
+    )
+    result = runner.invoke(app, ["run", str(job)])
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "cannot place training workers: 1 x {64 CPU} on the nodes seen (head" in text, text
+    assert "2 CPU, 0 GPU" in text and "lower resources.cpus_per_worker" in text

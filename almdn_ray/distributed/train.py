@@ -19,7 +19,7 @@ from almdn_ray import storage
 from almdn_ray.data.records import ImageRecord
 from almdn_ray.data.transforms import DetectionDataset, eval_transform, train_transform
 from almdn_ray.distributed import placement
-from almdn_ray.model.backbones import load_state_dict_file
+from almdn_ray.model.backbones import BackboneWeightsError, load_state_dict_file
 from almdn_ray.model.detector import ModelSpec
 from almdn_ray.training import TrainRecipe, train_worker
 
@@ -103,7 +103,12 @@ def _backbone_ref(spec: ModelSpec, storage_uri: str, run_name: str, init_weights
     folder = storage.join(storage_uri, run_name)
     if storage.exists(folder) and storage.list_files(folder, pattern="checkpoint_*/" + STATE_FILE):
         return None
-    return ray.put(load_state_dict_file(spec.backbone_weights))
+    state = load_state_dict_file(spec.backbone_weights)
+    try:
+        spec.build(backbone=state)  # a file that does not fit is refused here, before any worker starts
+    except BackboneWeightsError as error:
+        raise BackboneWeightsError(f"{spec.backbone_weights} (model.backbone_weights): {error}") from None
+    return ray.put(state)
 
 
 @dataclass(frozen=True)

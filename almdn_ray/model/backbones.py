@@ -190,7 +190,7 @@ def vgg16_extractor(
     """
     extractor = _vgg_extractor(vgg16(weights=None), False, trainable_layers)
     if weights is not None:
-        state, source = (weights, "backbone state") if isinstance(weights, dict) else _read(weights)
+        state, source = (weights, "the weights") if isinstance(weights, dict) else _read(weights)
         what = "VGG16 reduced-fc" if vgg16_weights_kind(state) == "reduced_fc" else "VGG16"
         mapped = extractor_weights(state, source=source, input_norm=input_norm)
         _load_extractor_weights(extractor, mapped, source=source, what=what)
@@ -226,7 +226,7 @@ def mobilenet_v3_extractor(
         weights=None, norm_layer=norm_layer, reduced_tail=reduced_tail, width_mult=width_mult
     )
     if weights is not None:
-        state, source = (weights, "backbone state") if isinstance(weights, dict) else _read(weights)
+        state, source = (weights, "the weights") if isinstance(weights, dict) else _read(weights)
         # The extractor regroups the classifier's feature stages: load into the classifier first.
         expected = {k: v for k, v in classifier.state_dict().items() if not k.startswith("classifier.")}
         plain = {k: v for k, v in state.items() if not k.startswith("classifier.")}

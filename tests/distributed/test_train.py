@@ -122,3 +122,21 @@ def test_checkpoints_and_weights_live_in_s3(ray_session, records, s3_bucket):
     )
     assert result.model_uri == f"{uri}/model.pt" and storage.exists(result.model_uri)
     assert any("/cycle-000/checkpoint_" in f for f in storage.list_files(uri))
+
+
+def test_a_backbone_file_that_does_not_fit_is_refused_by_the_driver_before_any_worker(ray_session, records, tmp_path):
+    from dataclasses import replace
+
+    from almdn_ray.distributed.train import train_distributed
+    from almdn_ray.model.backbones import BackboneWeightsError
+
+    bad = tmp_path / "not_a_mobilenet.pth"
+    torch.save({"conv.weight": torch.zeros(3)}, bad)
+    start = time.monotonic()
+    with pytest.raises(BackboneWeightsError, match="not_a_mobilenet.pth"):
+        train_distributed(
+            records=records, spec=replace(SPEC, backbone_weights=str(bad)), recipe=recipe(),
+            storage_uri=str(tmp_path / "train"), run_name="cycle-000",
+        )  # fmt: skip
+    assert time.monotonic() - start < 10  # no Ray Train start-up (~15-20 s) was paid
+    assert not (tmp_path / "train").exists()
