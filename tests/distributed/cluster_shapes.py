@@ -67,7 +67,11 @@ def main(workdir: Path) -> None:
         },
     )
     ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    # Actor pools start work once all their actors are up (Ray Data spreads them over the nodes): which actor
+    # scores which block is then not a race against a slow actor start.
+    context.wait_for_min_actors_s = 120
     head = ray.get_runtime_context().get_node_id()[:12]
     report = {"head_cpus": head_cpus}
     common = dict(
