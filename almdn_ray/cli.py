@@ -351,7 +351,8 @@ def stop(job_id: str = typer.Argument(...), address: str = _ADDRESS, token: str 
     typer.echo(f"{job_id}: {'stopping' if stopped else 'not running'}")
 
 
-def _pool_of_run(run_uri: str):
+def _run_of(run_uri: str):
+    """The job a run was started with (its frozen ``job.yaml``) and its pool dataset."""
     import yaml
 
     from almdn_ray import storage
@@ -366,26 +367,70 @@ def _pool_of_run(run_uri: str):
     if job.storage.endpoint and not storage.configured_endpoint():
         storage.configure(endpoint=job.storage.endpoint)
     d = job.dataset
-    return read_dataset(d.train, split=d.train_split, classes=d.classes, image_root=d.train_image_root)
+    return job, read_dataset(d.train, split=d.train_split, classes=d.classes, image_root=d.train_image_root)
+
+
+def _pool_image_root(job) -> str | None:
+    """Where the pool's file names are relative to: a COCO pool's image root, a VOC devkit's folder."""
+    import os
+    import posixpath
+
+    d = job.dataset
+    if d.train_image_root:
+        return d.train_image_root
+    if str(d.train).lower().endswith(".json"):
+        return posixpath.dirname(d.train) if "://" in d.train else os.path.dirname(os.path.abspath(d.train))
+    return None
 
 
 @labels_app.command("export")
-def labels_export(run_uri: str = typer.Argument(..., help="The run's storage URI."), endpoint: str = _ENDPOINT) -> None:
-    """Write the selection as a COCO JSON skeleton and a CSV of image URIs for a labelling tool."""
-    from almdn_ray.labels import LabelImportError, export_labels
+def labels_export(
+    run_uri: str = typer.Argument(..., help="The run's storage URI."),
+    fmt: str = typer.Option("coco", "--format", help="coco | labelstudio | cvat (see the README's tool table)."),
+    image_root: str = typer.Option(
+        None, help="Write file names relative to this folder (default: the pool's image root; others stay URIs)."
+    ),
+    url_prefix: str = typer.Option(
+        None, help="Label Studio: data.image = PREFIX + file name (default: s3:// URIs, or /data/local-files/?d=)."
+    ),
+    predictions: bool = typer.Option(True, help="labelstudio/cvat: the cycle's model's detections as pre-annotations."),
+    min_score: float = typer.Option(0.5, min=0.0, max=1.0, help="Lowest confidence of a pre-annotation."),
+    endpoint: str = _ENDPOINT,
+) -> None:
+    """Write the images to label in a labelling tool's format, and a CSV of image URIs."""
+    from almdn_ray.labels import EXPORT_FORMATS, LabelImportError, export_labels, predict_selection
+    from almdn_ray.layout import model_spec
 
     _use_endpoint(endpoint)
+    if fmt not in EXPORT_FORMATS:
+        raise _fail(f"--format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
     try:
-        json_uri, csv_uri = export_labels(run_uri, _pool_of_run(run_uri))
-    except (LabelImportError, FileNotFoundError, OSError) as error:
+        job, pool = _run_of(run_uri)
+        detections = None
+        if predictions and fmt != "coco":
+            with _progress("pre-annotating", None) as advance:
+                detections = predict_selection(
+                    run_uri, pool, model_spec(job, pool.num_classes), min_score=min_score, on_batch=lambda n: advance()
+                )
+        root = image_root if image_root is not None else _pool_image_root(job)
+        paths = export_labels(run_uri, pool, fmt=fmt, image_root=root, url_prefix=url_prefix, predictions=detections)
+    except (LabelImportError, FileNotFoundError, OSError, ValueError) as error:
         raise _fail(str(error)) from error
-    typer.echo(f"COCO skeleton: {json_uri}\nimage list: {csv_uri}")
+    typer.echo(f"{fmt} labels file: {paths['labels']}\nimage list: {paths['csv']}")
+    if "config" in paths:
+        typer.echo(f"Label Studio labelling config: {paths['config']}")
+    if detections is not None:
+        typer.echo(f"pre-annotations: {sum(len(v) for v in detections.values())} detections >= {min_score}")
+    if root:
+        typer.echo(f"file names are relative to {root}")
 
 
 @labels_app.command("import")
 def labels_import(
     run_uri: str = typer.Argument(...),
-    labels_file: str = typer.Argument(..., help="COCO JSON"),
+    labels_file: str = typer.Argument(
+        ..., help="A tool's export: COCO JSON, Label Studio JSON tasks, or a Pascal VOC folder or .zip."
+    ),
     endpoint: str = _ENDPOINT,
 ) -> None:
     """Check and store the labels of the selected images; the next `run` continues with them."""
@@ -393,7 +438,15 @@ def labels_import(
 
     _use_endpoint(endpoint)
     try:
-        boxes = import_labels(run_uri, labels_file, _pool_of_run(run_uri))
+        _, pool = _run_of(run_uri)
+        summary = import_labels(run_uri, labels_file, pool)
     except (LabelImportError, FileNotFoundError, OSError) as error:
         raise _fail(str(error)) from error
-    typer.echo(f"imported {boxes} boxes; continue with `almdn-ray run JOB.yaml`")
+    for kind, count in sorted(summary.problems.counts.items()):
+        typer.secho(f"warning: {count} {kind}", fg=typer.colors.YELLOW)
+        for line in summary.problems.examples(kind, 3):
+            typer.echo(f"  {line}")
+    typer.echo(
+        f"imported {summary.boxes} boxes on {summary.images} images ({summary.format}); "
+        "continue with `almdn-ray run JOB.yaml`"
+    )

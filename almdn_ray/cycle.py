@@ -25,6 +25,8 @@ from almdn_ray.config import JobSpec, SpecError, diff_specs, spec_from_dict, spe
 from almdn_ray.data.manifest import read_manifest, rows_from_dataset, write_manifest
 from almdn_ray.data.records import Dataset, ImageRecord
 from almdn_ray.data.validate import read_dataset
+from almdn_ray.labels import read_imported
+from almdn_ray.layout import RunLayout, labeled_ids, model_spec
 from almdn_ray.model.detector import ModelSpec
 from almdn_ray.state import Lease, RunState, load_state, save_state
 
@@ -45,33 +47,6 @@ class StageFunctions:
     train: Callable[..., str]
     score: Callable[..., None]
     evaluate: Callable[..., dict]
-
-
-class RunLayout:
-    """File names of a run folder (DESIGN section 3)."""
-
-    def __init__(self, run: str):
-        self.run = run
-        self.job = storage.join(run, "job.yaml")
-        self.pool = storage.join(run, "pool")
-        self.report = storage.join(run, "report")
-
-    def cycle(self, k: int, *parts: str) -> str:
-        return storage.join(self.run, "cycles", f"{k:03d}", *parts)
-
-
-def model_spec(job: JobSpec, num_classes: int) -> ModelSpec:
-    """The job's model with the dataset's class count (background included)."""
-    if job.model.num_classes not in (None, num_classes):
-        raise SpecError(
-            f"model.num_classes is {job.model.num_classes} but the dataset has {num_classes} classes "
-            "with background; remove the key or fix it"
-        )
-    return replace(job.model, num_classes=num_classes)
-
-
-def labeled_ids(layout: RunLayout, k: int) -> list[str]:
-    return storage.read_parquet(layout.cycle(k, "labeled.parquet")).column("image_id").to_pylist()
 
 
 class Driver:
@@ -98,9 +73,9 @@ class Driver:
     def test(self) -> Dataset:
         if self._test is None:
             d = self.job.dataset
-            self._test = read_dataset(
-                d.test, split=d.test_split or "test", classes=d.classes, image_root=d.test_image_root
-            )
+            classes = d.classes or self.pool.classes
+            test = read_dataset(d.test, split=d.test_split or "test", classes=classes, image_root=d.test_image_root)
+            self._test = test.with_classes(self.pool.classes, d.test)
         return self._test
 
     @property
@@ -176,8 +151,6 @@ class Driver:
         by_id = {r.image_id: r for r in self.pool.records}
         if self.job.labels.mode == "human":
             for j in range(k):
-                from almdn_ray.labels import read_imported
-
                 by_id.update(read_imported(self.layout, j, by_id))
         return [by_id[i] for i in sorted(wanted)]
 

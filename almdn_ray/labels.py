@@ -1,23 +1,60 @@
-"""Human labelling: export the selection for a labelling tool, import its COCO file back (checked first)."""
+"""Human labelling: export the selection for a labelling tool, import the tool's labels back (checked first).
+
+Export (:func:`export_labels`) writes the images selected in the cycle waiting for labels in the form a tool
+takes: a COCO skeleton, Label Studio tasks with the model's detections as ``predictions``, or a COCO file
+CVAT imports with the detections as pre-annotations; always a CSV of the images. Import (:func:`import_labels`)
+reads what the tools export (COCO from Label Studio, CVAT, Roboflow or FiftyOne; Label Studio JSON tasks; a
+Pascal VOC folder or zip from CVAT: see :mod:`almdn_ray.data.labelfiles`), matches its images to the
+selection, checks every box and class, and stores ``cycles/NNN/labels.json`` only when nothing is wrong.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
-import json
+import logging
+import posixpath
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
 from almdn_ray import storage
-from almdn_ray.cycle import RunLayout
-from almdn_ray.data.records import Dataset, ImageRecord
+from almdn_ray.data.labelfiles import (
+    MULTIPLE_ANNOTATIONS_POLICY,
+    FileImage,
+    LabelFile,
+    LabelFileError,
+    name_candidates,
+    read_label_file,
+)
+from almdn_ray.data.records import DataProblems, Dataset, ImageRecord, normalise_name
+from almdn_ray.layout import RunLayout
 from almdn_ray.state import load_state
 
-__all__ = ["LabelImportError", "awaiting_cycle", "export_labels", "import_labels", "read_imported"]
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EXPORT_FORMATS", "LabelImportError", "ImportSummary", "Prediction", "awaiting_cycle", "export_labels",
+    "import_labels", "read_imported", "export_names", "predict_selection",
+]  # fmt: skip
+
+EXPORT_FORMATS = ("coco", "labelstudio", "cvat")
+OVERRUN_TOLERANCE_PX = 1.0  # a box past the image edge by at most this is clipped (tools round), else an error
 
 
 class LabelImportError(ValueError):
     """A labels file that cannot be imported; nothing was changed."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One model detection offered to the labeller: ``box`` xyxy in the image's pixels, ``label`` 1..C."""
+
+    box: tuple[float, float, float, float]
+    label: int
+    score: float
 
 
 def awaiting_cycle(run: str) -> int:
@@ -35,100 +72,343 @@ def _selected(layout: RunLayout, k: int) -> list[str]:
     return storage.read_parquet(layout.cycle(k, "selected.parquet")).column("image_id").to_pylist()
 
 
-def export_labels(run: str, pool: Dataset) -> tuple[str, str]:
-    """Write ``cycles/NNN/export/to_label.json`` (COCO skeleton: images and categories, no annotations) and
-    ``to_label.csv`` (image_id, uri) for the images selected in the cycle waiting for labels."""
-    layout = RunLayout(run)
-    k = awaiting_cycle(run)
-    by_id = {r.image_id: r for r in pool.records}
-    images = [by_id[i] for i in _selected(layout, k)]
-    coco = {
-        "info": {"description": f"almdn-ray selection, cycle {k}", "run": run},
-        "images": [
-            {"id": n, "file_name": r.uri, "width": r.width, "height": r.height, "almdn_image_id": r.image_id}
-            for n, r in enumerate(images, start=1)
-        ],
-        "annotations": [],
-        "categories": [{"id": i + 1, "name": name} for i, name in enumerate(pool.classes)],
+# ---- export ---------------------------------------------------------------------------------------------------
+def export_names(records: Sequence[ImageRecord], image_root: str | None) -> dict[str, str]:
+    """``image_id -> file name`` for a tool: the URI relative to ``image_root`` when under it, else the URI."""
+    root = str(image_root).rstrip("/") + "/" if image_root else None
+    return {
+        r.image_id: r.uri[len(root) :] if root and r.uri.startswith(root) and len(r.uri) > len(root) else r.uri
+        for r in records
     }
-    json_uri, csv_uri = layout.cycle(k, "export", "to_label.json"), layout.cycle(k, "export", "to_label.csv")
-    storage.write_json(json_uri, coco)
-    text = io.StringIO()
-    writer = csv.writer(text)
-    writer.writerow(["image_id", "uri", "width", "height"])
-    writer.writerows([r.image_id, r.uri, r.width, r.height] for r in images)
-    storage.write_bytes(csv_uri, text.getvalue().encode())
-    return json_uri, csv_uri
 
 
-def import_labels(run: str, path: str, pool: Dataset) -> int:
-    """Check a COCO labels file against the selection and store it as ``cycles/NNN/labels.json``.
+def _labelstudio_url(uri: str, name: str, url_prefix: str | None) -> str:
+    if url_prefix is not None:
+        return url_prefix + name
+    if storage.is_remote(uri) or "://" in uri:
+        return uri  # Label Studio resolves s3:// (and gs://, azure-blob://) keys through its cloud storage
+    return "/data/local-files/?d=" + name  # served with LOCAL_FILES_DOCUMENT_ROOT set to the image root
 
-    Every selected image must be there (with zero or more boxes), no other image may be, categories must be
-    known by name, and boxes must have a positive size inside their image. Any problem raises
-    :class:`LabelImportError` listing each one by image, and nothing is written.
+
+def _labelstudio_config(classes: Sequence[str]) -> str:
+    labels = "\n".join(f"    <Label value={quoteattr(name)}/>" for name in classes)
+    return (
+        '<View>\n  <Image name="image" value="$image"/>\n  <RectangleLabels name="label" toName="image">\n'
+        f"{labels}\n  </RectangleLabels>\n</View>\n"
+    )
+
+
+def _labelstudio_tasks(records, names, scores, predictions, classes, k, url_prefix) -> list[dict]:
+    tasks = []
+    for r in records:
+        task = {
+            "data": {
+                "image": _labelstudio_url(r.uri, names[r.image_id], url_prefix),
+                "almdn_image_id": r.image_id,
+                "width": r.width,
+                "height": r.height,
+            }
+        }
+        if predictions is not None:
+            result = []
+            for n, p in enumerate(predictions.get(r.image_id, [])):
+                x1, y1, x2, y2 = p.box
+                result.append(
+                    {
+                        "id": f"almdn-{n}",
+                        "type": "rectanglelabels",
+                        "from_name": "label",
+                        "to_name": "image",
+                        "original_width": r.width,
+                        "original_height": r.height,
+                        "image_rotation": 0,
+                        "value": {
+                            "x": 100 * x1 / r.width,
+                            "y": 100 * y1 / r.height,
+                            "width": 100 * (x2 - x1) / r.width,
+                            "height": 100 * (y2 - y1) / r.height,
+                            "rotation": 0,
+                            "rectanglelabels": [classes[p.label - 1]],
+                        },
+                        "score": p.score,
+                    }
+                )
+            task["predictions"] = [
+                {"model_version": f"almdn-ray cycle {k}", "score": scores.get(r.image_id), "result": result}
+            ]
+        tasks.append(task)
+    return tasks
+
+
+def _coco_export(records, names, classes, k, run, predictions, *, cvat: bool) -> dict:
+    images, annotations = [], []
+    for n, r in enumerate(records, start=1):
+        images.append(
+            {
+                "id": n,
+                "file_name": names[r.image_id],
+                "width": r.width,
+                "height": r.height,
+                "almdn_image_id": r.image_id,
+            }
+        )
+        for p in (predictions or {}).get(r.image_id, []):
+            x1, y1, x2, y2 = p.box
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": n,
+                    "category_id": p.label,
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                    "segmentation": [],
+                    "score": p.score,
+                    **({"attributes": {"occluded": False, "rotation": 0.0}} if cvat else {}),
+                }
+            )
+    out = {"info": {"description": f"almdn-ray selection, cycle {k}", "run": run}}
+    if cvat:
+        out["licenses"] = [{"name": "", "id": 0, "url": ""}]
+    out.update(
+        images=images,
+        annotations=annotations,
+        categories=[{"id": i + 1, "name": name, "supercategory": ""} for i, name in enumerate(classes)],
+    )
+    return out
+
+
+def export_labels(
+    run: str,
+    pool: Dataset,
+    *,
+    fmt: str = "coco",
+    image_root: str | None = None,
+    url_prefix: str | None = None,
+    predictions: Mapping[str, Sequence[Prediction]] | None = None,
+) -> dict[str, str]:
+    """Write the cycle's selection for labelling under ``cycles/NNN/export/``.
+
+    Args:
+        fmt: ``coco`` (``to_label.json``: images and categories, no annotations), ``labelstudio``
+            (``to_label.labelstudio.json`` tasks, with ``predictions`` when given, and the project's
+            ``labelstudio-config.xml``) or ``cvat`` (``to_label.cvat.json``: COCO with the predictions as
+            annotations, which CVAT imports as pre-annotations).
+        image_root: file names are written relative to this folder (URIs outside it stay whole).
+        url_prefix: Label Studio: ``data.image`` is this + the file name (default: the URI for object
+            storage, ``/data/local-files/?d=<file name>`` for local files).
+        predictions: ``image_id -> detections`` to offer as pre-annotations.
 
     Returns:
-        The number of boxes imported.
+        ``{"labels": tool file, "csv": image list, ["config": Label Studio labelling config]}``.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
+    layout = RunLayout(run)
+    k = awaiting_cycle(run)
+    selection = storage.read_parquet(layout.cycle(k, "selected.parquet"))
+    wanted = selection.column("image_id").to_pylist()
+    scores = dict(zip(wanted, selection.column("score").to_pylist())) if "score" in selection.column_names else {}
+    by_id = {r.image_id: r for r in pool.records}
+    records = [by_id[i] for i in wanted]
+    names = export_names(records, image_root)
+    out = {}
+    if fmt == "labelstudio":
+        tasks = _labelstudio_tasks(records, names, scores, predictions, pool.classes, k, url_prefix)
+        out["labels"] = layout.cycle(k, "export", "to_label.labelstudio.json")
+        storage.write_json(out["labels"], tasks)
+        out["config"] = layout.cycle(k, "export", "labelstudio-config.xml")
+        storage.write_bytes(out["config"], _labelstudio_config(pool.classes).encode())
+    else:
+        coco = _coco_export(
+            records, names, pool.classes, k, run, predictions if fmt == "cvat" else None, cvat=fmt == "cvat"
+        )
+        if image_root:
+            coco["info"]["image_root"] = str(image_root)
+        out["labels"] = layout.cycle(k, "export", "to_label.json" if fmt == "coco" else "to_label.cvat.json")
+        storage.write_json(out["labels"], coco)
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["image_id", "uri", "file_name", "width", "height"])
+    writer.writerows([r.image_id, r.uri, names[r.image_id], r.width, r.height] for r in records)
+    out["csv"] = layout.cycle(k, "export", "to_label.csv")
+    storage.write_bytes(out["csv"], text.getvalue().encode())
+    return out
+
+
+# ---- import ---------------------------------------------------------------------------------------------------
+@dataclass
+class ImportSummary:
+    format: str
+    images: int
+    boxes: int
+    problems: DataProblems = field(default_factory=DataProblems)
+
+
+class _Matcher:
+    """Finds the selected image a file's image stands for: exported id, then file path, then basename, then
+    the name without its extension; ambiguous and unmatched ones are reported by name."""
+
+    def __init__(self, records: Sequence[ImageRecord]):
+        self.ids = {r.image_id for r in records}
+        self.paths: dict[str, set[str]] = {}
+        self.bases: dict[str, set[str]] = {}
+        self.stems: dict[str, set[str]] = {}
+        for r in records:
+            parts = [p for p in r.uri.replace("\\", "/").split("/") if p]
+            for n in range(1, len(parts) + 1):
+                self.paths.setdefault("/".join(parts[-n:]), set()).add(r.image_id)
+            self.bases.setdefault(parts[-1], set()).add(r.image_id)
+            self.stems.setdefault(posixpath.splitext(parts[-1])[0], set()).add(r.image_id)
+
+    def match(self, image: FileImage) -> tuple[str | None, str | None]:
+        """``(image_id, None)`` or ``(None, why not)``."""
+        if image.exported_id is not None and image.exported_id in self.ids:
+            return image.exported_id, None
+        candidates = [c for name in image.names for c in name_candidates(name)]
+        for table, key in (
+            (self.paths, lambda c: c),
+            (self.bases, lambda c: c.rsplit("/", 1)[-1]),
+            (self.stems, lambda c: posixpath.splitext(c.rsplit("/", 1)[-1])[0]),
+        ):
+            for candidate in candidates:
+                found = table.get(key(candidate), set())
+                if len(found) == 1:
+                    return next(iter(found)), None
+                if len(found) > 1:
+                    return None, f"is ambiguous: {key(candidate)!r} names several selected images {sorted(found)[:5]}"
+        if image.exported_id is not None:
+            return None, f"has almdn_image_id {image.exported_id!r}, which was not selected in this cycle"
+        return None, f"matches no selected image (names tried: {candidates or image.names})"
+
+
+def _categories(labels: LabelFile, classes: Sequence[str], problems: DataProblems) -> dict[str, int]:
+    """``category name in the file -> label`` for the file's names that are classes of the run."""
+    exact = {name: i + 1 for i, name in enumerate(classes)}
+    loose = {normalise_name(name): i + 1 for i, name in enumerate(classes)}
+    used = {box.category for image in labels.images for box in image.boxes if box.category is not None}
+    out = {}
+    for name in dict.fromkeys([*labels.categories, *used]):
+        if name in exact:
+            out[name] = exact[name]
+        elif normalise_name(name) in loose:
+            out[name] = loose[normalise_name(name)]
+            problems.warn(
+                "category names matched after normalising case and space",
+                f"{labels.source}: category {name!r} taken as class {classes[out[name] - 1]!r}",
+            )
+        elif name not in used:
+            problems.warn(
+                "unknown categories without boxes ignored",
+                f"{labels.source}: category {name!r} is not a class of the run and has no boxes",
+            )
+    return out
+
+
+def _check_box(box, record: ImageRecord, frame, where: str, problems: DataProblems):
+    """The box in the record's pixels (clipped when it overruns by <= 1 px), or None after an error."""
+    if box.problem is not None:
+        problems.error(f"{where}: {box.problem}")
+        return None
+    if not all(np.isfinite(box.xyxy)):
+        problems.error(f"{where}: coordinates {list(box.xyxy)} are not finite numbers")
+        return None
+    x1, y1, x2, y2 = box.xyxy
+    sx, sy = record.width / frame[0], record.height / frame[1]
+    x1, x2, y1, y2 = x1 * sx, x2 * sx, y1 * sy, y2 * sy
+    if x2 <= x1 or y2 <= y1:
+        problems.error(f"{where}: box {list(box.xyxy)} is empty (width or height <= 0)")
+        return None
+    tolerance = OVERRUN_TOLERANCE_PX * (max(sx, sy, 1.0) if frame != (1.0, 1.0) else 1.0)
+    overrun = max(-x1, -y1, x2 - record.width, y2 - record.height)
+    if overrun > tolerance:
+        problems.error(
+            f"{where}: box {[round(v, 2) for v in (x1, y1, x2, y2)]} lies {overrun:.1f} px outside the "
+            f"{record.width}x{record.height} image"
+        )
+        return None
+    if overrun > 0:
+        problems.warn(
+            "boxes over the image edge by <= 1 px clipped",
+            f"{where}: box {[round(v, 2) for v in (x1, y1, x2, y2)]} clipped to {record.width}x{record.height}",
+        )
+        x1, y1 = max(x1, 0.0), max(y1, 0.0)
+        x2, y2 = min(x2, float(record.width)), min(y2, float(record.height))
+    return [x1, y1, x2, y2]
+
+
+def import_labels(run: str, path: str, pool: Dataset) -> ImportSummary:
+    """Check a labelling tool's export against the selection and store it as ``cycles/NNN/labels.json``.
+
+    Every selected image must be in the file exactly once (with zero or more boxes) and no other image;
+    categories are matched to the run's classes by name; boxes must be finite, non-empty and inside the
+    image (up to 1 px over the edge is clipped, with a warning). Any problem raises
+    :class:`LabelImportError` listing each one by image and annotation, and nothing is written.
     """
     layout = RunLayout(run)
     k = awaiting_cycle(run)
     try:
-        coco = json.loads(storage.read_bytes(path))
-    except json.JSONDecodeError as error:
-        raise LabelImportError(f"{path}: malformed JSON at line {error.lineno}, column {error.colno}") from error
-    selected = set(_selected(layout, k))
+        labels = read_label_file(path)
+    except (LabelFileError, FileNotFoundError) as error:
+        raise LabelImportError(str(error)) from error
+    problems = labels.problems
+    selected = _selected(layout, k)
     by_id = {r.image_id: r for r in pool.records}
-    by_uri = {r.uri: r.image_id for r in pool.records}
-    known = {name: i + 1 for i, name in enumerate(pool.classes)}
-    problems: list[str] = []
-    categories = {}
-    for category in coco.get("categories", []):
-        if category.get("name") not in known:
-            problems.append(
-                f"category {category.get('name')!r} (id {category.get('id')}) is unknown; known: {sorted(known)}"
-            )
-        else:
-            categories[category["id"]] = known[category["name"]]
-    images = {}
-    for image in coco.get("images", []):
-        image_id = image.get("almdn_image_id") or by_uri.get(image.get("file_name"))
-        if image_id not in selected:
-            problems.append(
-                f"image {image.get('file_name')!r} was not selected in cycle {k}; import only the exported images"
-            )
-            continue
-        images[image["id"]] = image_id
-    missing = sorted(selected - set(images.values()))
-    if missing:
-        problems.append(f"{len(missing)} selected image(s) are missing from the file, e.g. {missing[:3]}")
-    labels: dict[str, list] = {i: [] for i in images.values()}
-    for ann in coco.get("annotations", []):
-        image_id = images.get(ann.get("image_id"))
+    matcher = _Matcher([by_id[i] for i in selected])
+    label_of = _categories(labels, pool.classes, problems)
+    imported: dict[str, list[dict]] = {}
+    source_of: dict[str, str] = {}
+    for image in labels.images:
+        image_id, why = matcher.match(image)
         if image_id is None:
-            problems.append(f"annotation {ann.get('id')} refers to an image not in the file's selection")
+            problems.error(f"{path}: {image.where} {why}; import only the images exported for cycle {k}")
             continue
-        record, bbox = by_id[image_id], ann.get("bbox")
-        if ann.get("category_id") not in categories:
-            problems.append(
-                f"image {image_id}: annotation {ann.get('id')} has unknown category {ann.get('category_id')}"
+        if image_id in imported:
+            problems.error(f"{path}: {image.where} and {source_of[image_id]} are both image {image_id}; keep one")
+            continue
+        record, boxes = by_id[image_id], []
+        frame = image.size or (record.width, record.height)
+        if image.size is not None and image.size != (1.0, 1.0) and image.size != (record.width, record.height):
+            problems.warn(
+                "boxes rescaled from the tool's image size",
+                f"{path}: {image.where} is {image.size[0]:g}x{image.size[1]:g} in the file, "
+                f"{record.width}x{record.height} in the pool",
             )
-            continue
-        if not (isinstance(bbox, list) and len(bbox) == 4):
-            problems.append(f"image {image_id}: annotation {ann.get('id')} bbox must be [x, y, width, height]")
-            continue
-        x, y, w, h = bbox
-        if w <= 0 or h <= 0 or x < 0 or y < 0 or x + w > record.width or y + h > record.height:
-            problems.append(
-                f"image {image_id}: box {bbox} of annotation {ann.get('id')} is empty or outside the "
-                f"{record.width}x{record.height} image"
+        for box in image.boxes:
+            where = f"{path}: {image.where} (image {image_id}) {box.where}"
+            xyxy = _check_box(box, record, frame, where, problems)
+            if xyxy is None:
+                continue
+            if box.category not in label_of:
+                problems.error(
+                    f"{where}: category {box.category!r} is not a class of the run; known: {list(pool.classes)}"
+                )
+                continue
+            boxes.append(
+                {"bbox": xyxy, "label": label_of[box.category], **({"difficult": True} if box.difficult else {})}
             )
-            continue
-        labels[image_id].append({"bbox": [x, y, x + w, y + h], "label": categories[ann["category_id"]]})
-    if problems:
-        raise LabelImportError(f"{path}: {len(problems)} problem(s), nothing imported:\n  " + "\n  ".join(problems))
-    storage.write_json(layout.cycle(k, "labels.json"), labels)
-    return sum(len(v) for v in labels.values())
+        imported[image_id], source_of[image_id] = boxes, image.where
+    missing = [i for i in selected if i not in imported]
+    if missing:
+        problems.error(f"{path}: {len(missing)} selected image(s) are missing from the file: {missing[:10]}")
+    if problems.errors:
+        shown = "\n  ".join(problems.errors[:30])
+        more = f"\n  … and {len(problems.errors) - 30} more" if len(problems.errors) > 30 else ""
+        raise LabelImportError(f"{path}: {len(problems.errors)} problem(s), nothing imported:\n  {shown}{more}")
+    summary = ImportSummary(labels.format, len(imported), sum(len(v) for v in imported.values()), problems)
+    storage.write_json(
+        layout.cycle(k, "labels-import.json"),
+        {
+            "source": path,
+            "format": labels.format,
+            "images": summary.images,
+            "boxes": summary.boxes,
+            "warnings": {kind: problems.examples(kind, 20) for kind in problems.counts},
+            "policy": MULTIPLE_ANNOTATIONS_POLICY if labels.format == "labelstudio" else None,
+        },
+    )
+    storage.write_json(layout.cycle(k, "labels.json"), imported)  # the commit: LABEL continues from it
+    return summary
 
 
 def read_imported(layout: RunLayout, k: int, by_id: dict[str, ImageRecord]) -> dict[str, ImageRecord]:
@@ -146,6 +426,31 @@ def read_imported(layout: RunLayout, k: int, by_id: dict[str, ImageRecord]) -> d
             base.height,
             np.asarray([b["bbox"] for b in boxes], np.float32).reshape(-1, 4),
             np.asarray([b["label"] for b in boxes], np.int64),
-            np.zeros(len(boxes), bool),
+            np.asarray([bool(b.get("difficult", False)) for b in boxes], bool),
         )
     return out
+
+
+def predict_selection(
+    run: str,
+    pool: Dataset,
+    spec,
+    *,
+    min_score: float = 0.5,
+    batch_size: int = 16,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, list[Prediction]]:
+    """The cycle's model's detections on the images waiting for labels, in each image's pixels."""
+    import torch
+
+    from almdn_ray import scoring
+
+    layout = RunLayout(run)
+    k = awaiting_cycle(run)
+    model_uri = layout.cycle(k, "train", "model.pt")
+    if not storage.exists(model_uri):
+        raise FileNotFoundError(f"{model_uri} is missing: no model to pre-annotate with (use --no-predictions)")
+    model = scoring.load_model(spec, model_uri, "cuda" if torch.cuda.is_available() else "cpu")
+    by_id = {r.image_id: r for r in pool.records}
+    records = [by_id[i] for i in _selected(layout, k)]
+    return scoring.detect_records(model, records, min_score=min_score, batch_size=batch_size, on_batch=on_batch)

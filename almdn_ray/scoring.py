@@ -29,7 +29,7 @@ from almdn_ray.reduce import SCORE_SCHEMA, read_scores, select_from_scores
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "SCORE_SCHEMA", "load_model", "decode_images", "score_images", "score_table", "read_scores",
+    "SCORE_SCHEMA", "load_model", "decode_images", "score_images", "detect_records", "score_table", "read_scores",
     "select_from_scores",
 ]  # fmt: skip
 
@@ -122,6 +122,43 @@ def score_images(
         "error": np.asarray(errors, dtype=object),
         "worker": np.full(len(image_ids), worker, dtype=object),
     }
+
+
+@torch.no_grad()
+def detect_records(
+    model: SSDGMM,
+    records: Sequence,
+    *,
+    min_score: float = 0.5,
+    batch_size: int = 16,
+    on_batch=None,
+) -> dict:
+    """``image_id -> [labels.Prediction]``: the model's detections with confidence >= ``min_score`` on each
+    record's image, in that image's own pixels (unreadable images get none, logged)."""
+    from almdn_ray.labels import Prediction
+
+    config = PostprocessConfig(min_confidence=min_score)
+    out = {}
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        pixels, errors = decode_images([r.uri for r in batch], model.image_size)
+        readable = [i for i, e in enumerate(errors) if e is None]
+        if readable:
+            images = torch.from_numpy(pixels[readable]).float().div_(255.0)
+            found = engine.predict(model, images, config=config, batch_size=len(readable))
+            for i, det in zip(readable, found):
+                r = batch[i]
+                scale = np.array([r.width, r.height, r.width, r.height], np.float64) / model.image_size
+                out[r.image_id] = [
+                    Prediction(tuple(float(v) for v in box * scale), int(label), float(score))
+                    for box, label, score in zip(det.boxes.double().numpy(), det.labels.tolist(), det.scores.tolist())
+                ]
+        for i, e in enumerate(errors):
+            if e is not None:
+                out[batch[i].image_id] = []
+        if on_batch is not None:
+            on_batch(len(batch))
+    return out
 
 
 def score_table(

@@ -166,10 +166,11 @@ def test_human_labelling_round_trip(demo, tmp_path):
     state = Driver(spec, recorder.functions()).run()
     assert state.status == "awaiting_labels" and state.stage == "label"
     driver = Driver(spec, recorder.functions())
-    json_uri, csv_uri = export_labels(str(tmp_path), driver.pool)
+    paths = export_labels(str(tmp_path), driver.pool)
+    json_uri, csv_uri = paths["labels"], paths["csv"]
     skeleton = storage.read_json(json_uri)
     assert len(skeleton["images"]) == 5 and skeleton["annotations"] == []
-    assert storage.read_bytes(csv_uri).decode().splitlines()[0] == "image_id,uri,width,height"
+    assert storage.read_bytes(csv_uri).decode().splitlines()[0] == "image_id,uri,file_name,width,height"
     labelled = dict(skeleton)
     labelled["annotations"] = [
         {"id": n, "image_id": image["id"], "category_id": 3, "bbox": [2, 3, 20, 30]}
@@ -178,12 +179,12 @@ def test_human_labelling_round_trip(demo, tmp_path):
     bad = json.loads(json.dumps(labelled))
     bad["annotations"][1]["bbox"] = [50, 50, 30, 30]  # outside the 64x64 image
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(LabelImportError, match=r"box \[50, 50, 30, 30\] of annotation 2 is empty or outside"):
+    with pytest.raises(LabelImportError, match=r"annotation 2: box \[50.0, 50.0, 80.0, 80.0\] lies 16.0 px outside the 64x64 image"):
         import_labels(str(tmp_path), str(tmp_path / "bad.json"), driver.pool)
     assert not storage.exists(RunLayout(str(tmp_path)).cycle(0, "labels.json"))  # nothing changed
     assert load_state(str(tmp_path)).status == "awaiting_labels"
     (tmp_path / "good.json").write_text(json.dumps(labelled))
-    assert import_labels(str(tmp_path), str(tmp_path / "good.json"), driver.pool) == 5
+    assert import_labels(str(tmp_path), str(tmp_path / "good.json"), driver.pool).boxes == 5
     state = Driver(spec, recorder.functions()).run()
     assert state.status == "finished"
     trained = {r.image_id: r for r in recorder.train_records[-1]}

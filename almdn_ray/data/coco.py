@@ -19,6 +19,52 @@ def _parent(uri: str) -> str:
     return posixpath.dirname(uri) if "://" in uri else os.path.dirname(os.path.abspath(uri))
 
 
+def _name_parts(file_name: str) -> list[str]:
+    """A ``file_name``'s path parts; Windows tools write ``\\`` separators."""
+    return [part for part in file_name.replace("\\", "/").split("/") if part not in ("", ".")]
+
+
+def _classes(content: dict, source: str, problems: DataProblems) -> list[dict]:
+    """The categories that are classes, in id order.
+
+    A category with no boxes that is the ``supercategory`` of the others (Roboflow's dataset-level class 0)
+    is not a class and is dropped with a warning; other categories without boxes stay classes (a labelling
+    tool lists every class of the project) and are counted in a warning.
+    """
+    categories = []
+    for position, category in enumerate(content["categories"]):
+        if not isinstance(category, dict) or not isinstance(category.get("id"), int) or "name" not in category:
+            problems.error(f"{source}: categories[{position}] must have an integer 'id' and a 'name'")
+        else:
+            categories.append(category)
+    seen: dict[int, str] = {}
+    for category in categories:
+        if category["id"] in seen:
+            problems.error(
+                f"{source}: categories {seen[category['id']]!r} and {category['name']!r} share id {category['id']}; "
+                "give every category its own id"
+            )
+        seen[category["id"]] = category["name"]
+    used = {ann.get("category_id") for ann in content["annotations"] if isinstance(ann, dict)}
+    parents = {c.get("supercategory") for c in categories if c.get("supercategory") not in (None, "", "none")}
+    kept = []
+    for category in sorted(categories, key=lambda c: c["id"]):
+        if category["id"] not in used and category["name"] in parents:
+            problems.warn(
+                "super-categories dropped",
+                f"{source}: category {category['id']} {category['name']!r} has no boxes and is the supercategory "
+                "of the others: not a class",
+            )
+            continue
+        if category["id"] not in used:
+            problems.warn(
+                "classes without boxes",
+                f"{source}: category {category['id']} {category['name']!r} has no boxes (kept as a class)",
+            )
+        kept.append(category)
+    return kept
+
+
 def read_coco(annotation_file: str, *, image_root: str | None = None) -> Dataset:
     """Read a COCO instances JSON.
 
@@ -51,7 +97,8 @@ def read_coco(annotation_file: str, *, image_root: str | None = None) -> Dataset
     problems.raise_if_errors(annotation_file)
     root = image_root if image_root is not None else _parent(annotation_file)
 
-    categories = sorted(content["categories"], key=lambda c: c["id"])
+    categories = _classes(content, annotation_file, problems)
+    problems.raise_if_errors(annotation_file)
     category_ids = tuple(int(c["id"]) for c in categories)
     label_of = {cid: i + 1 for i, cid in enumerate(category_ids)}
     images = {}
@@ -92,7 +139,7 @@ def read_coco(annotation_file: str, *, image_root: str | None = None) -> Dataset
         records.append(
             ImageRecord(
                 str(image_id),
-                storage.join(root, *image["file_name"].split("/")),
+                storage.join(root, *_name_parts(str(image["file_name"]))),
                 int(image["width"]),
                 int(image["height"]),
                 boxes[keep],

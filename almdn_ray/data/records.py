@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageRecord", "Dataset", "DataProblems", "DatasetError", "clip_boxes"]
+__all__ = ["ImageRecord", "Dataset", "DataProblems", "DatasetError", "clip_boxes", "normalise_name"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class DataProblems:
     def log_summary(self, source: str) -> None:
         for kind, count in sorted(self.counts.items()):
             logger.warning(
-                "%s: %d %s (first: %s)", source, count, kind, next((w for w in self.warnings if kind in w), "")
+                "%s: %d %s (first: %s)", source, count, kind, next((m for k, m in self.warnings if k == kind), "")
             )
 
 
@@ -89,11 +90,45 @@ class Dataset:
         """Classes including background."""
         return len(self.classes) + 1
 
+    def with_classes(self, classes: Sequence[str], source: str) -> Dataset:
+        """This split with its labels renumbered to ``classes`` by name (case and surrounding space ignored).
+
+        Two splits exported by one tool may number their classes differently (FiftyOne does): a test split is
+        matched to the pool's classes by name, never by id. Raises :class:`DatasetError` naming the classes
+        the target lacks.
+        """
+        if tuple(classes) == self.classes:
+            return self
+        target = {normalise_name(name): i + 1 for i, name in enumerate(classes)}
+        problems = DataProblems()
+        mapping = np.zeros(len(self.classes) + 1, np.int64)
+        for i, name in enumerate(self.classes):
+            label = target.get(normalise_name(name))
+            if label is None:
+                problems.error(
+                    f"{source}: class {name!r} is not one of the pool's classes {list(classes)}; the splits must "
+                    "name the same classes"
+                )
+                continue
+            mapping[i + 1] = label
+        problems.raise_if_errors(source)
+        if any(mapping[i + 1] != i + 1 for i in range(len(self.classes))) or len(classes) != len(self.classes):
+            logger.warning(
+                "%s: classes renumbered by name to the pool's (%s -> %s)", source, list(self.classes), list(classes)
+            )
+        records = [replace(r, labels=mapping[r.labels]) for r in self.records]
+        return Dataset(records, tuple(classes), self.problems, None)
+
     def boxes_per_class(self) -> dict[str, int]:
         counts = Counter()
         for record in self.records:
             counts.update(record.labels.tolist())
         return {name: counts.get(i + 1, 0) for i, name in enumerate(self.classes)}
+
+
+def normalise_name(name: str) -> str:
+    """A class name as compared across tools: surrounding space dropped, inner runs of space as one, case folded."""
+    return " ".join(str(name).split()).casefold()
 
 
 def clip_boxes(boxes: np.ndarray, width: int, height: int, where: str, problems: DataProblems) -> np.ndarray:
