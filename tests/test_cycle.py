@@ -179,7 +179,9 @@ def test_human_labelling_round_trip(demo, tmp_path):
     bad = json.loads(json.dumps(labelled))
     bad["annotations"][1]["bbox"] = [50, 50, 30, 30]  # outside the 64x64 image
     (tmp_path / "bad.json").write_text(json.dumps(bad))
-    with pytest.raises(LabelImportError, match=r"annotation 2: box \[50.0, 50.0, 80.0, 80.0\] lies 16.0 px outside the 64x64 image"):
+    with pytest.raises(
+        LabelImportError, match=r"annotation 2: box \[50.0, 50.0, 80.0, 80.0\] lies 16.0 px outside the 64x64 image"
+    ):
         import_labels(str(tmp_path), str(tmp_path / "bad.json"), driver.pool)
     assert not storage.exists(RunLayout(str(tmp_path)).cycle(0, "labels.json"))  # nothing changed
     assert load_state(str(tmp_path)).status == "awaiting_labels"
