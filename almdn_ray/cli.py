@@ -70,7 +70,10 @@ def models() -> None:
 
 @data_app.command("validate")
 def data_validate(
-    path: str = typer.Argument(..., help="VOC devkit folder or COCO instances JSON (local or s3://)."),
+    path: str = typer.Argument(
+        ...,
+        help="VOC devkit folder (or CVAT VOC zip), COCO instances JSON or Label Studio tasks JSON (local or s3://).",
+    ),
     split: str = typer.Option(None, help="VOC split (ImageSets/Main/<split>.txt); default trainval."),
     image_root: str = typer.Option(None, help="COCO: folder the file_names are relative to."),
     classes: str = typer.Option(None, help="VOC: comma-separated class names instead of the 20 VOC classes."),

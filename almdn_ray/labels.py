@@ -30,7 +30,7 @@ from almdn_ray.data.labelfiles import (
     read_label_file,
 )
 from almdn_ray.data.records import DataProblems, Dataset, ImageRecord, normalise_name
-from almdn_ray.layout import RunLayout
+from almdn_ray.layout import RunLayout, labeled_ids
 from almdn_ray.state import load_state
 
 logger = logging.getLogger(__name__)
@@ -263,8 +263,10 @@ class _Matcher:
 
     def match(self, image: FileImage) -> tuple[str | None, str | None]:
         """``(image_id, None)`` or ``(None, why not)``."""
-        if image.exported_id is not None and image.exported_id in self.ids:
-            return image.exported_id, None
+        if image.exported_id is not None:
+            if image.exported_id in self.ids:
+                return image.exported_id, None
+            return None, f"has almdn_image_id {image.exported_id!r}, which was not selected in this cycle"
         candidates = [c for name in image.names for c in name_candidates(name)]
         for table, key in (
             (self.paths, lambda c: c),
@@ -277,8 +279,6 @@ class _Matcher:
                     return next(iter(found)), None
                 if len(found) > 1:
                     return None, f"is ambiguous: {key(candidate)!r} names several selected images {sorted(found)[:5]}"
-        if image.exported_id is not None:
-            return None, f"has almdn_image_id {image.exported_id!r}, which was not selected in this cycle"
         return None, f"matches no selected image (names tried: {candidates or image.names})"
 
 
@@ -358,7 +358,13 @@ def import_labels(run: str, path: str, pool: Dataset) -> ImportSummary:
     label_of = _categories(labels, pool.classes, problems)
     imported: dict[str, list[dict]] = {}
     source_of: dict[str, str] = {}
+    earlier = set(labeled_ids(layout, k))
     for image in labels.images:
+        if image.exported_id is not None and image.exported_id in earlier:
+            problems.warn(  # one labelling project for every cycle: its export holds the earlier cycles' too
+                "images labelled in an earlier cycle ignored", f"{path}: {image.where} ({image.exported_id})"
+            )
+            continue
         image_id, why = matcher.match(image)
         if image_id is None:
             problems.error(f"{path}: {image.where} {why}; import only the images exported for cycle {k}")

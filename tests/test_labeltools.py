@@ -176,12 +176,14 @@ def selection(tmp_path):
             _record("b", "s3://bucket/cam2/frame_001.jpg"),
             _record("c", "s3://bucket/cam2/street.png"),
             _record("d", "s3://bucket/cam2/other.png"),
+            _record("e", "s3://bucket/cam2/old.png"),
         ],
         ("Car", "person"),
     )
     run = str(tmp_path / "run")
     save_state(run, RunState(run_id="x", cycle=0, stage="label", status="awaiting_labels"))
     storage.write_parquet(RunLayout(run).cycle(0, "selected.parquet"), pa.table({"image_id": ["a", "b", "c"]}))
+    storage.write_parquet(RunLayout(run).cycle(0, "labeled.parquet"), pa.table({"image_id": ["e"]}))
     return run, pool
 
 
@@ -203,6 +205,7 @@ def test_images_match_by_id_then_path_then_basename_and_boxes_within_a_pixel_are
             _image(1, "x.jpg", almdn_image_id="a"),
             _image(2, "cam2\\frame_001.jpg"),
             _image(3, "images/0a1b2c3d-street.png"),
+            _image(4, "old.png", almdn_image_id="e"),  # labelled in an earlier cycle: the project's export has it
         ],
         [
             {"id": 7, "image_id": 1, "category_id": 1, "bbox": [-0.6, 10, 50, 20]},
@@ -220,6 +223,7 @@ def test_images_match_by_id_then_path_then_basename_and_boxes_within_a_pixel_are
     assert counts["boxes over the image edge by <= 1 px clipped"] == 2
     assert counts["category names matched after normalising case and space"] == 1
     assert counts["unknown categories without boxes ignored"] == 1
+    assert counts["images labelled in an earlier cycle ignored"] == 1 and "e" not in stored
     assert storage.read_json(RunLayout(run).cycle(0, "labels-import.json"))["format"] == "coco"
 
 
@@ -227,7 +231,13 @@ def test_every_bad_box_category_and_image_is_named_and_nothing_is_written(select
     run, pool = selection
     path = _coco(
         tmp_path,
-        [_image(1, "frame_001.jpg"), _image(2, "street.png"), _image(3, "nowhere.png"), _image(4, "other.png")],
+        [
+            _image(1, "frame_001.jpg"),
+            _image(2, "street.png"),
+            _image(3, "nowhere.png"),
+            _image(4, "other.png"),
+            _image(5, "b.png", almdn_image_id="d"),
+        ],
         [
             {"id": 1, "image_id": 2, "category_id": 1, "bbox": [float("nan"), 1, 2, 3]},
             {"id": 2, "image_id": 2, "category_id": 1, "bbox": [5, 5, 0, 3]},
@@ -251,6 +261,7 @@ def test_every_bad_box_category_and_image_is_named_and_nothing_is_written(select
         "(image c) annotation 6: coordinates [1, 'one', 2, 2] are not four numbers",
         "image 3 ('nowhere.png') matches no selected image",
         "image 4 ('other.png') matches no selected image",
+        "image 5 ('b.png') has almdn_image_id 'd', which was not selected in this cycle",
         "2 selected image(s) are missing from the file: ['a', 'b']",
     ):
         assert expected in message, expected
