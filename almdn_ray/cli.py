@@ -278,6 +278,9 @@ def status(
     except (FileNotFoundError, OSError, ValueError) as error:
         raise _fail(str(error)) from error
     typer.echo(f"run {info['run_id']}: {info['status']} (cycle {info['cycle']}, next stage {info['stage']})")
+    if info["pool"] is not None:
+        added = sum(a["rows"] for a in info["pool_additions"])
+        typer.echo(f"  pool: {info['pool']} images" + (f" ({added} added by `pool add`)" if added else ""))
     for c in info["cycles"]:
         metric = f", VOC07 mAP {c['map_voc07']:.4f}" if c.get("map_voc07") is not None else ""
         typer.echo(
@@ -296,7 +299,10 @@ def report(run_uri: str = typer.Argument(..., help="The run's storage URI."), en
         paths = write_report(run_uri)
     except (FileNotFoundError, OSError, ValueError) as error:
         raise _fail(str(error)) from error
-    typer.echo(f"report: {paths['markdown']}\ncurve: {paths['curve']}")
+    typer.echo(
+        f"report: {paths['markdown']}"
+        + (f"\ncurve: {paths['curve']}" if paths["curve"] else " (no cycle evaluated yet)")
+    )
 
 
 _ADDRESS = typer.Option(..., "--address", envvar="RAY_JOB_ADDRESS", help="Ray dashboard URL, e.g. http://head:8265.")
@@ -354,14 +360,13 @@ def stop(job_id: str = typer.Argument(...), address: str = _ADDRESS, token: str 
     typer.echo(f"{job_id}: {'stopping' if stopped else 'not running'}")
 
 
-def _run_of(run_uri: str):
-    """The job a run was started with (its frozen ``job.yaml``) and its pool dataset."""
+def _job_of(run_uri: str):
+    """The job a run was started with (its frozen ``job.yaml``)."""
     import yaml
 
     from almdn_ray import storage
     from almdn_ray.config import spec_from_dict
     from almdn_ray.cycle import RunLayout
-    from almdn_ray.data.validate import read_dataset
 
     layout = RunLayout(run_uri)
     if not storage.exists(layout.job):
@@ -369,8 +374,21 @@ def _run_of(run_uri: str):
     job = spec_from_dict(yaml.safe_load(storage.read_bytes(layout.job)), layout.job)
     if job.storage.endpoint and not storage.configured_endpoint():
         storage.configure(endpoint=job.storage.endpoint)
-    d = job.dataset
-    return job, read_dataset(d.train, split=d.train_split, classes=d.classes, image_root=d.train_image_root)
+    return job
+
+
+def _run_of(run_uri: str):
+    """The run's job and the part of its frozen pool that the labels it waits for concern."""
+    from almdn_ray.cycle import RunLayout
+    from almdn_ray.data.manifest import read_manifest, read_marker
+    from almdn_ray.data.pool import load_pool
+    from almdn_ray.labels import awaited_ids
+
+    job = _job_of(run_uri)
+    layout = RunLayout(run_uri)
+    ids = awaited_ids(run_uri)
+    table = read_manifest(layout.pool, ids=ids) if read_marker(layout.pool) is not None else None
+    return job, load_pool(job.dataset, table=table)
 
 
 def _pool_image_root(job) -> str | None:
@@ -401,7 +419,7 @@ def labels_export(
     endpoint: str = _ENDPOINT,
 ) -> None:
     """Write the images to label in a labelling tool's format, and a CSV of image URIs."""
-    from almdn_ray.labels import EXPORT_FORMATS, LabelImportError, export_labels, predict_selection
+    from almdn_ray.labels import EXPORT_FORMATS, LabelImportError, awaiting, export_labels, predict_selection
     from almdn_ray.layout import model_spec
 
     _use_endpoint(endpoint)
@@ -410,7 +428,10 @@ def labels_export(
     try:
         job, pool = _run_of(run_uri)
         detections = None
-        if predictions and fmt != "coco":
+        cold = awaiting(run_uri).cold
+        if cold and predictions and fmt != "coco":
+            typer.echo("no model yet (the initial set of a pool without labels): no pre-annotations")
+        elif predictions and fmt != "coco":
             with _progress("pre-annotating", None) as advance:
                 detections = predict_selection(
                     run_uri, pool, model_spec(job, pool.num_classes), min_score=min_score, on_batch=lambda n: advance()

@@ -33,8 +33,9 @@ class StorageSpec:
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    train: str = "data/demo/pool.json"  # the pool: COCO JSON or VOC devkit folder
+    train: str = "data/demo/pool.json"  # the pool: COCO JSON, VOC devkit folder, or a manifest (`pool build`)
     test: str = "data/demo/test.json"
+    labels: str | None = None  # with a manifest pool: COCO JSON / VOC devkit of the labels that exist
     train_split: str | None = None  # VOC: ImageSets/Main/<split>.txt (default trainval)
     test_split: str | None = None  # VOC: default test
     train_image_root: str | None = None  # COCO: folder the train file_names are relative to (default: JSON's)

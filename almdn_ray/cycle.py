@@ -22,15 +22,19 @@ import yaml
 
 from almdn_ray import reduce, storage
 from almdn_ray.config import JobSpec, SpecError, diff_specs, spec_from_dict, spec_to_dict
-from almdn_ray.data.manifest import read_manifest, rows_from_dataset, write_manifest
+from almdn_ray.data.manifest import read_manifest, read_marker, write_manifest_table
+from almdn_ray.data.pool import Pool, load_pool
 from almdn_ray.data.records import Dataset, ImageRecord
 from almdn_ray.data.validate import read_dataset
-from almdn_ray.labels import read_imported
+from almdn_ray.labels import imported_labels
 from almdn_ray.layout import RunLayout, labeled_ids, model_spec
 from almdn_ray.model.detector import ModelSpec
 from almdn_ray.state import Lease, RunState, load_state, save_state
 
 logger = logging.getLogger(__name__)
+
+POOL_ROWS_PER_SHARD = 1_000_000  # the run's frozen pool: few large shards (the driver reads them whole)
+SCORE_ROWS_PER_SHARD = 10_000  # a cycle's unlabelled manifest: blocks for Ray Data to spread
 
 __all__ = ["StageFunctions", "RunLayout", "Driver", "model_spec", "labeled_ids"]
 
@@ -58,15 +62,16 @@ class Driver:
         self.functions = functions
         self.layout = RunLayout(job.storage.uri)
         self.progress = progress or (lambda message: None)
-        self._pool: Dataset | None = None
+        self._pool: Pool | None = None
         self._test: Dataset | None = None
 
     # ---- inputs -------------------------------------------------------------------------------------------
     @property
-    def pool(self) -> Dataset:
+    def pool(self) -> Pool:
+        """The run's pool: its frozen manifest (``pool/``, once written) and the labels that exist."""
         if self._pool is None:
-            d = self.job.dataset
-            self._pool = read_dataset(d.train, split=d.train_split, classes=d.classes, image_root=d.train_image_root)
+            frozen = read_manifest(self.layout.pool) if read_marker(self.layout.pool) is not None else None
+            self._pool = load_pool(self.job.dataset, table=frozen)
         return self._pool
 
     @property
@@ -130,29 +135,49 @@ class Driver:
         finally:
             lease.release()
 
+    def cold_start(self) -> bool:
+        """Human labelling with a pool that has no labels: cycle 0 starts by labelling the initial set."""
+        return self.job.labels.mode == "human" and not self.pool.labels
+
     def _prepare(self) -> None:
-        if (
-            not storage.list_files(self.layout.run, pattern="pool/manifest-*.parquet")
-            if storage.exists(self.layout.pool)
-            else True
-        ):
-            write_manifest(rows_from_dataset(self.pool), self.layout.pool)
+        """Freeze the pool into ``pool/`` (written completely or rebuilt) and draw the initial labelled set."""
+        if read_marker(self.layout.pool) is None:
+            storage.delete(self.layout.pool)  # a partial write of an interrupted start: rebuild it whole
+            self._pool = None
+            write_manifest_table(self.pool.table, self.layout.pool, rows_per_shard=POOL_ROWS_PER_SHARD)
+            self.progress(f"pool frozen: {len(self.pool)} images")
         first = self.layout.cycle(0, "labeled.parquet")
         if not storage.exists(first):
-            ids = sorted(r.image_id for r in self.pool.records)
-            size = min(self.job.acquisition.initial_labeled, len(ids))
-            chosen = np.random.default_rng(self.job.seed).choice(len(ids), size=size, replace=False)
-            storage.write_parquet(first, pa.table({"image_id": sorted(ids[i] for i in chosen)}))
+            pool = self.pool
+            if self.job.labels.mode == "human" and pool.labels:
+                candidates = pa.array(sorted(pool.labels), pa.string())  # start from the labels that exist
+            else:
+                unlabelled = pool.unlabelled_ids()
+                if self.job.labels.mode == "simulation" and len(unlabelled):
+                    raise SpecError(
+                        f"labels.mode simulation labels every selected image from the dataset, but "
+                        f"{len(unlabelled)} of the {len(pool)} pool images have no labels (e.g. "
+                        f"{unlabelled.slice(0, 3).to_pylist()}); give them (dataset.labels) or set labels.mode: human"
+                    )
+                candidates = pool.image_ids
+            ordered = pc.take(candidates, pc.sort_indices(candidates))
+            size = min(self.job.acquisition.initial_labeled, len(ordered))
+            chosen = np.sort(np.random.default_rng(self.job.seed).choice(len(ordered), size=size, replace=False))
+            storage.write_parquet(first, pa.table({"image_id": pc.take(ordered, pa.array(chosen))}))
             logger.info("initial labelled set: %d random images (seed %d)", size, self.job.seed)
 
     def training_records(self, k: int) -> list[ImageRecord]:
-        """Ground truth of the images labelled at the start of cycle ``k``."""
-        wanted = set(labeled_ids(self.layout, k))
-        by_id = {r.image_id: r for r in self.pool.records}
-        if self.job.labels.mode == "human":
-            for j in range(k):
-                by_id.update(read_imported(self.layout, j, by_id))
-        return [by_id[i] for i in sorted(wanted)]
+        """Ground truth of the images labelled at the start of cycle ``k``: labels imported by hand where
+        there are some, else the dataset's."""
+        wanted = sorted(labeled_ids(self.layout, k))
+        by_hand = imported_labels(self.layout, k, self.pool) if self.job.labels.mode == "human" else {}
+        missing = [i for i in wanted if i not in by_hand and i not in self.pool.labels]
+        if missing:
+            raise RuntimeError(
+                f"cycle {k}: {len(missing)} labelled image(s) have no labels, e.g. {missing[:3]}; import them "
+                "(almdn-ray labels import)"
+            )
+        return [by_hand[i] if i in by_hand else self.pool.labels[i] for i in wanted]
 
     def member_dirs(self, k: int) -> list[str]:
         """Training folders of cycle ``k``'s models: ``train/`` (the model that is evaluated and scores), then
@@ -161,6 +186,8 @@ class Driver:
         return [first] + [storage.join(first, f"member-{m}") for m in range(1, self.job.ensemble_members)]
 
     def _train(self, k: int) -> bool:
+        if k == 0 and self.cold_start() and not storage.exists(self.layout.initial_labels):
+            return False  # the initial set goes to the labellers first
         records = None
         for m, folder in enumerate(self.member_dirs(k)):
             if storage.exists(storage.join(folder, "model.pt")):
@@ -196,7 +223,7 @@ class Driver:
         if storage.exists(done):
             return True
         labeled = pa.array(labeled_ids(self.layout, k), pa.string())
-        pool = read_manifest(self.layout.pool)
+        pool = self.pool.table
         unlabeled = pool.filter(pc.invert(pc.is_in(pool.column("image_id"), labeled)))
         if unlabeled.num_rows == 0:  # the pool is exhausted: nothing left to score or select
             storage.write_parquet(self.layout.cycle(k, "scores", "empty.parquet"), reduce.SCORE_SCHEMA.empty_table())
@@ -204,7 +231,7 @@ class Driver:
             return True
         manifest = self.layout.cycle(k, "unlabeled")
         storage.delete(manifest)
-        write_manifest(zip(*(unlabeled.column(c).to_pylist() for c in unlabeled.column_names)), manifest)
+        write_manifest_table(unlabeled, manifest, rows_per_shard=SCORE_ROWS_PER_SHARD)
         models = [storage.join(folder, "model.pt") for folder in self.member_dirs(k)]
         extra = {"member_uris": models[1:]} if len(models) > 1 else {}
         self.functions.score(manifest, models[0], self.layout.cycle(k, "scores"), self.spec, self.job, **extra)

@@ -29,7 +29,7 @@ from almdn_ray.data.labelfiles import (
     name_candidates,
     read_label_file,
 )
-from almdn_ray.data.records import DataProblems, Dataset, ImageRecord, normalise_name
+from almdn_ray.data.records import DataProblems, ImageRecord, normalise_name
 from almdn_ray.layout import RunLayout, labeled_ids
 from almdn_ray.state import load_state
 
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXPORT_FORMATS", "LabelImportError", "ImportSummary", "Prediction", "awaiting_cycle", "export_labels",
-    "import_labels", "read_imported", "export_names", "predict_selection",
+    "import_labels", "imported_labels", "export_names", "predict_selection", "Awaited", "awaiting", "awaited_ids",
 ]  # fmt: skip
 
 EXPORT_FORMATS = ("coco", "labelstudio", "cvat")
@@ -57,7 +57,20 @@ class Prediction:
     score: float
 
 
-def awaiting_cycle(run: str) -> int:
+@dataclass(frozen=True)
+class Awaited:
+    """What a run waits for: the labels of ``selection`` (a Parquet of image ids), to be stored at ``labels``.
+
+    ``cold``: the initial labelled set of a pool without labels (cycle 0, before any training).
+    """
+
+    cycle: int
+    selection: str
+    labels: str
+    cold: bool
+
+
+def awaiting(run: str) -> Awaited:
     state = load_state(run)
     if state is None:
         raise FileNotFoundError(f"{run}: no run here (no state.json); start one with `almdn-ray run JOB.yaml`")
@@ -65,11 +78,19 @@ def awaiting_cycle(run: str) -> int:
         raise LabelImportError(
             f"{run}: the run is {state.status} (cycle {state.cycle}, stage {state.stage}), not waiting for labels"
         )
-    return state.cycle
+    layout, k = RunLayout(run), state.cycle
+    if state.stage == "train":
+        return Awaited(k, layout.cycle(k, "labeled.parquet"), layout.initial_labels, True)
+    return Awaited(k, layout.cycle(k, "selected.parquet"), layout.cycle(k, "labels.json"), False)
 
 
-def _selected(layout: RunLayout, k: int) -> list[str]:
-    return storage.read_parquet(layout.cycle(k, "selected.parquet")).column("image_id").to_pylist()
+def awaiting_cycle(run: str) -> int:
+    return awaiting(run).cycle
+
+
+def awaited_ids(run: str) -> list[str]:
+    """The image ids a run waits for the labels of."""
+    return storage.read_parquet(awaiting(run).selection).column("image_id").to_pylist()
 
 
 # ---- export ---------------------------------------------------------------------------------------------------
@@ -180,7 +201,7 @@ def _coco_export(records, names, classes, k, run, predictions, *, cvat: bool) ->
 
 def export_labels(
     run: str,
-    pool: Dataset,
+    pool,
     *,
     fmt: str = "coco",
     image_root: str | None = None,
@@ -205,12 +226,12 @@ def export_labels(
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; choose one of {', '.join(EXPORT_FORMATS)}")
     layout = RunLayout(run)
-    k = awaiting_cycle(run)
-    selection = storage.read_parquet(layout.cycle(k, "selected.parquet"))
+    waited = awaiting(run)
+    k = waited.cycle
+    selection = storage.read_parquet(waited.selection)
     wanted = selection.column("image_id").to_pylist()
     scores = dict(zip(wanted, selection.column("score").to_pylist())) if "score" in selection.column_names else {}
-    by_id = {r.image_id: r for r in pool.records}
-    records = [by_id[i] for i in wanted]
+    records = pool.records(wanted)
     names = export_names(records, image_root)
     out = {}
     if fmt == "labelstudio":
@@ -337,7 +358,7 @@ def _check_box(box, record: ImageRecord, frame, where: str, problems: DataProble
     return [x1, y1, x2, y2]
 
 
-def import_labels(run: str, path: str, pool: Dataset) -> ImportSummary:
+def import_labels(run: str, path: str, pool) -> ImportSummary:
     """Check a labelling tool's export against the selection and store it as ``cycles/NNN/labels.json``.
 
     Every selected image must be in the file exactly once (with zero or more boxes) and no other image;
@@ -346,19 +367,20 @@ def import_labels(run: str, path: str, pool: Dataset) -> ImportSummary:
     :class:`LabelImportError` listing each one by image and annotation, and nothing is written.
     """
     layout = RunLayout(run)
-    k = awaiting_cycle(run)
+    waited = awaiting(run)
+    k = waited.cycle
     try:
         labels = read_label_file(path)
     except (LabelFileError, FileNotFoundError) as error:
         raise LabelImportError(str(error)) from error
     problems = labels.problems
-    selected = _selected(layout, k)
-    by_id = {r.image_id: r for r in pool.records}
-    matcher = _Matcher([by_id[i] for i in selected])
+    selected = storage.read_parquet(waited.selection).column("image_id").to_pylist()
+    by_id = {r.image_id: r for r in pool.records(selected)}
+    matcher = _Matcher(list(by_id.values()))
     label_of = _categories(labels, pool.classes, problems)
     imported: dict[str, list[dict]] = {}
     source_of: dict[str, str] = {}
-    earlier = set(labeled_ids(layout, k))
+    earlier = set() if waited.cold else set(labeled_ids(layout, k))
     for image in labels.images:
         if image.exported_id is not None and image.exported_id in earlier:
             problems.warn(  # one labelling project for every cycle: its export holds the earlier cycles' too
@@ -403,7 +425,7 @@ def import_labels(run: str, path: str, pool: Dataset) -> ImportSummary:
         raise LabelImportError(f"{path}: {len(problems.errors)} problem(s), nothing imported:\n  {shown}{more}")
     summary = ImportSummary(labels.format, len(imported), sum(len(v) for v in imported.values()), problems)
     storage.write_json(
-        layout.cycle(k, "labels-import.json"),
+        waited.labels.replace(".json", "-import.json"),
         {
             "source": path,
             "format": labels.format,
@@ -413,23 +435,23 @@ def import_labels(run: str, path: str, pool: Dataset) -> ImportSummary:
             "policy": MULTIPLE_ANNOTATIONS_POLICY if labels.format == "labelstudio" else None,
         },
     )
-    storage.write_json(layout.cycle(k, "labels.json"), imported)  # the commit: LABEL continues from it
+    storage.write_json(waited.labels, imported)  # the commit: the run continues from it
     return summary
 
 
-def read_imported(layout: RunLayout, k: int, by_id: dict[str, ImageRecord]) -> dict[str, ImageRecord]:
-    """Records of the images labelled by hand in cycle ``k`` (empty if that cycle imported nothing)."""
-    uri = layout.cycle(k, "labels.json")
+def _read_hand_labels(uri: str, pool) -> dict[str, ImageRecord]:
     if not storage.exists(uri):
         return {}
+    stored = storage.read_json(uri)
+    rows = pool.rows(list(stored))
     out = {}
-    for image_id, boxes in storage.read_json(uri).items():
-        base = by_id[image_id]
+    for image_id, boxes in stored.items():
+        image_uri, width, height = rows[image_id]
         out[image_id] = ImageRecord(
             image_id,
-            base.uri,
-            base.width,
-            base.height,
+            image_uri,
+            width,
+            height,
             np.asarray([b["bbox"] for b in boxes], np.float32).reshape(-1, 4),
             np.asarray([b["label"] for b in boxes], np.int64),
             np.asarray([bool(b.get("difficult", False)) for b in boxes], bool),
@@ -437,9 +459,18 @@ def read_imported(layout: RunLayout, k: int, by_id: dict[str, ImageRecord]) -> d
     return out
 
 
+def imported_labels(layout: RunLayout, k: int, pool) -> dict[str, ImageRecord]:
+    """Records of every image labelled by hand before cycle ``k`` trains: a cold start's initial set, then
+    each earlier cycle's import."""
+    out = _read_hand_labels(layout.initial_labels, pool)
+    for j in range(k):
+        out.update(_read_hand_labels(layout.cycle(j, "labels.json"), pool))
+    return out
+
+
 def predict_selection(
     run: str,
-    pool: Dataset,
+    pool,
     spec,
     *,
     min_score: float = 0.5,
@@ -452,11 +483,10 @@ def predict_selection(
     from almdn_ray import scoring
 
     layout = RunLayout(run)
-    k = awaiting_cycle(run)
-    model_uri = layout.cycle(k, "train", "model.pt")
+    waited = awaiting(run)
+    model_uri = layout.cycle(waited.cycle, "train", "model.pt")
     if not storage.exists(model_uri):
         raise FileNotFoundError(f"{model_uri} is missing: no model to pre-annotate with (use --no-predictions)")
     model = scoring.load_model(spec, model_uri, "cuda" if torch.cuda.is_available() else "cpu")
-    by_id = {r.image_id: r for r in pool.records}
-    records = [by_id[i] for i in _selected(layout, k)]
+    records = pool.records(awaited_ids(run))
     return scoring.detect_records(model, records, min_score=min_score, batch_size=batch_size, on_batch=on_batch)

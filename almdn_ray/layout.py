@@ -19,6 +19,7 @@ class RunLayout:
         self.job = storage.join(run, "job.yaml")
         self.pool = storage.join(run, "pool")
         self.report = storage.join(run, "report")
+        self.initial_labels = self.cycle(0, "initial-labels.json")  # a cold start's hand labels of the first set
 
     def cycle(self, k: int, *parts: str) -> str:
         return storage.join(self.run, "cycles", f"{k:03d}", *parts)

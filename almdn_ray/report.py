@@ -8,7 +8,8 @@ import logging
 import yaml
 
 from almdn_ray import storage
-from almdn_ray.cycle import RunLayout
+from almdn_ray.data.manifest import read_marker
+from almdn_ray.layout import RunLayout
 from almdn_ray.state import load_state
 
 logger = logging.getLogger(__name__)
@@ -35,12 +36,15 @@ def run_status(run: str) -> dict:
                 coco_ap=metrics.get("coco", {}).get("AP"),
             )
         cycles.append(entry)
+    marker = read_marker(layout.pool)
     return {
         "run_id": state.run_id,
         "status": state.status,
         "cycle": state.cycle,
         "stage": state.stage,
         "cycles": cycles,
+        "pool": marker.get("rows") if marker else None,
+        "pool_additions": marker.get("additions", []) if marker else [],
     }
 
 
@@ -78,10 +82,10 @@ def _uncertain_pictures(run: str, layout: RunLayout, count: int) -> list[tuple[s
 
     from almdn_ray import engine, scoring
     from almdn_ray.config import spec_from_dict
-    from almdn_ray.cycle import model_spec
     from almdn_ray.data.images import read_image
     from almdn_ray.data.manifest import read_manifest
     from almdn_ray.data.transforms import eval_transform
+    from almdn_ray.layout import model_spec
 
     state = load_state(run)
     cycles = [k for k in range(state.cycle + 1) if storage.exists(layout.cycle(k, "selected.parquet"))]
@@ -95,7 +99,8 @@ def _uncertain_pictures(run: str, layout: RunLayout, count: int) -> list[tuple[s
         else None
     )
     selected = storage.read_parquet(layout.cycle(k, "selected.parquet")).to_pylist()[:count]
-    manifest = {row["image_id"]: row for row in read_manifest(layout.pool).to_pylist()}
+    ids = [row["image_id"] for row in selected]
+    manifest = {row["image_id"]: row for row in read_manifest(layout.pool, ids=ids).to_pylist()}
     if not classes:
         return []
     model_path = layout.cycle(k, "train", "model.pt")
@@ -143,15 +148,24 @@ def write_report(run: str, *, pictures: int = 6) -> dict[str, str]:
     layout = RunLayout(run)
     status = run_status(run)
     rows = [c for c in status["cycles"] if c.get("map_voc07") is not None]
-    if not rows:
-        raise FileNotFoundError(f"{run}: no evaluated cycle yet; the report needs at least one metrics.json")
-    curve = storage.join(layout.report, "curve.png")
-    storage.write_bytes(curve, _curve(rows))
     lines = [
         f"# almdn-ray report — run {status['run_id']}",
         "",
-        f"Status: **{status['status']}** (cycle {status['cycle']}, next stage {status['stage']}).",
+        f"Status: **{status['status']}** (cycle {status['cycle']}, next stage {status['stage']}); "
+        f"pool: {status['pool'] if status['pool'] is not None else '?'} images"
+        + "".join(f"; {a['rows']} added before cycle {a['cycle']}" for a in status["pool_additions"])
+        + ".",
         "",
+    ]
+    curve = None
+    if not rows:
+        lines.append("No cycle has been evaluated yet.")
+        markdown = storage.join(layout.report, "report.md")
+        storage.write_bytes(markdown, ("\n".join(lines) + "\n").encode())
+        return {"curve": None, "markdown": markdown}
+    curve = storage.join(layout.report, "curve.png")
+    storage.write_bytes(curve, _curve(rows))
+    lines += [
         "![mAP against labelled images](curve.png)",
         "",
         "| cycle | labelled images | VOC07 mAP | area mAP | COCO AP |",

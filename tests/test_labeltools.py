@@ -14,9 +14,11 @@ from almdn_ray import storage
 from almdn_ray.cli import app
 from almdn_ray.config import spec_from_dict, spec_to_dict
 from almdn_ray.cycle import Driver, RunLayout, labeled_ids
-from almdn_ray.data.coco import read_coco
+from almdn_ray.data.coco import read_coco, to_coco_dict
 from almdn_ray.data.demo import DemoConfig, build_demo
 from almdn_ray.data.labelfiles import name_candidates, read_label_file
+from almdn_ray.data.manifest import dataset_table
+from almdn_ray.data.pool import Pool
 from almdn_ray.data.records import Dataset, DatasetError, ImageRecord
 from almdn_ray.labels import LabelImportError, Prediction, export_labels, import_labels, predict_selection
 from almdn_ray.layout import model_spec
@@ -48,14 +50,34 @@ def human_job(demo, run):
     return spec_from_dict(data)
 
 
+def _import_truth(run, driver, truth_by_id, tmp_path, name):
+    """Label what the run waits for with the true boxes (a COCO file carrying the exported ids)."""
+    skeleton = storage.read_json(export_labels(str(run), driver.pool)["labels"])
+    ids = [image["almdn_image_id"] for image in skeleton["images"]]
+    coco = to_coco_dict(Dataset([truth_by_id[i] for i in ids], driver.pool.classes))
+    (tmp_path / name).write_text(json.dumps(coco))
+    import_labels(str(run), str(tmp_path / name), driver.pool)
+    return ids
+
+
 def waiting_run(demo, run):
-    """A human-mode run stopped for the labels of cycle 0's selection; its driver and the selected truth."""
+    """A human-mode run on a pool without labels: the cold start's initial set labelled (true boxes), cycle 0
+    trained, and the run stopped for the labels of cycle 0's selection; its driver and the selected truth."""
     recorder = Recorder()
     spec = human_job(demo, run)
-    assert Driver(spec, recorder.functions()).run().status == "awaiting_labels"
+    state = Driver(spec, recorder.functions()).run()
+    assert (state.status, state.cycle, state.stage) == ("awaiting_labels", 0, "train")  # nothing trained yet
+    assert recorder.calls == []
+    truth = {r.image_id: r for r in demo["truth"].records}
+    initial = _import_truth(run, Driver(spec, recorder.functions()), truth, run.parent, "initial.json")
+    assert sorted(initial) == labeled_ids(RunLayout(str(run)), 0) and len(initial) == 10
+    state = Driver(spec, recorder.functions()).run()
+    assert (state.status, state.cycle, state.stage) == ("awaiting_labels", 0, "label")
+    trained = recorder.train_records[0]
+    assert [r.image_id for r in trained] == sorted(initial)
+    assert all(np.array_equal(r.boxes, truth[r.image_id].boxes) for r in trained)  # cycle 0: the imported boxes
     driver = Driver(spec, recorder.functions())
     selected = storage.read_parquet(RunLayout(str(run)).cycle(0, "selected.parquet")).column("image_id").to_pylist()
-    truth = {r.image_id: r for r in demo["truth"].records}
     return spec, recorder, driver, [truth[i] for i in selected]
 
 
@@ -103,8 +125,7 @@ def test_a_tool_export_of_the_true_boxes_is_what_the_next_cycle_trains_on(demo, 
         got = trained[record.image_id]
         assert got.labels.tolist() == record.labels.tolist()
         np.testing.assert_allclose(got.boxes, record.boxes, atol=1e-3)
-    others = set(trained) - {r.image_id for r in truth}
-    assert others and all(len(trained[i].labels) == 0 for i in others)  # the pool itself has no labels
+    assert len(trained) == 10 + len(truth)
 
 
 def test_label_studio_predictions_carry_the_models_detections_and_come_back_as_labels(demo, tmp_path):
@@ -170,7 +191,7 @@ def _record(image_id, uri, boxes=(), labels=()):
 @pytest.fixture
 def selection(tmp_path):
     """A run waiting for the labels of 3 selected images (two share a basename in different folders)."""
-    pool = Dataset(
+    pool = pool_of(
         [
             _record("a", "s3://bucket/cam1/frame_001.jpg"),
             _record("b", "s3://bucket/cam2/frame_001.jpg"),
@@ -185,6 +206,10 @@ def selection(tmp_path):
     storage.write_parquet(RunLayout(run).cycle(0, "selected.parquet"), pa.table({"image_id": ["a", "b", "c"]}))
     storage.write_parquet(RunLayout(run).cycle(0, "labeled.parquet"), pa.table({"image_id": ["e"]}))
     return run, pool
+
+
+def pool_of(records, classes):
+    return Pool(dataset_table(Dataset(records, classes)), tuple(classes), {})
 
 
 def _coco(tmp_path, images, annotations, categories=({"id": 1, "name": "Car"}, {"id": 2, "name": "person"})):

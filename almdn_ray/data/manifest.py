@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import posixpath
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from almdn_ray import storage
 from almdn_ray.data.images import IMAGE_SUFFIXES, ImageReadError, image_size
@@ -14,12 +15,29 @@ from almdn_ray.data.records import Dataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MANIFEST_SCHEMA", "rows_from_dataset", "rows_from_images", "write_manifest", "read_manifest"]
+__all__ = [
+    "MANIFEST_SCHEMA", "MARKER", "rows_from_dataset", "rows_from_images", "rows_from_uris", "write_manifest",
+    "write_manifest_table", "read_manifest", "read_marker", "write_marker", "is_manifest", "manifest_shards",
+    "manifest_rows", "check_unique_ids", "build_image_manifest", "build_image_shard", "dataset_table",
+]  # fmt: skip
 
 MANIFEST_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("uri", pa.string()), ("width", pa.int32()), ("height", pa.int32())]
 )
 Row = tuple[str, str, int, int]
+
+
+def dataset_table(dataset: Dataset) -> pa.Table:
+    """The manifest rows of a dataset split as an Arrow table."""
+    records = dataset.records
+    return pa.table(
+        {
+            "image_id": pa.array([r.image_id for r in records], pa.string()),
+            "uri": pa.array([r.uri for r in records], pa.string()),
+            "width": pa.array([r.width for r in records], pa.int32()),
+            "height": pa.array([r.height for r in records], pa.int32()),
+        }
+    )
 
 
 def rows_from_dataset(dataset: Dataset) -> Iterator[Row]:
@@ -36,10 +54,16 @@ def rows_from_images(
     The image id is the path relative to the folder without its suffix; sizes are read from each image's
     header only. Unreadable files are logged and listed in ``skipped``, not fatal.
     """
+    uris = [u for u in storage.list_files(folder, pattern=pattern) if u.lower().endswith(IMAGE_SUFFIXES)]
+    return rows_from_uris(folder, uris, skipped=skipped, on_image=on_image)
+
+
+def rows_from_uris(
+    folder: str, uris: Sequence[str], *, skipped: list[str] | None = None, on_image: Callable[[], None] | None = None
+) -> Iterator[Row]:
+    """Manifest rows of image files under ``folder`` (see :func:`rows_from_images`)."""
     base = str(folder).rstrip("/")
-    for uri in storage.list_files(folder, pattern=pattern):
-        if not uri.lower().endswith(IMAGE_SUFFIXES):
-            continue
+    for uri in uris:
         relative = uri[len(base) :].lstrip("/").replace("\\", "/")
         try:
             width, height = image_size(uri)
@@ -54,8 +78,73 @@ def rows_from_images(
         yield posixpath.splitext(relative)[0], uri, width, height
 
 
+MARKER = "_MANIFEST.json"  # written last: a folder without it holds a partial manifest
+
+
+def write_marker(folder: str, shards: list[str], rows: int, **extra) -> None:
+    """Commit a manifest folder: its shards (names relative to it) and row count, written last."""
+    names = [uri.rsplit("/", 1)[-1] for uri in shards]
+    storage.write_json(storage.join(folder, MARKER), {"rows": rows, "shards": names, **extra})
+
+
+def read_marker(folder: str) -> dict | None:
+    uri = storage.join(folder, MARKER)
+    return storage.read_json(uri) if storage.exists(uri) else None
+
+
+def is_manifest(folder: str) -> bool:
+    """Whether ``folder`` is a pool manifest (``pool build`` output): its marker, or at least a shard."""
+    if str(folder).lower().endswith((".json", ".zip")):
+        return False
+    if storage.exists(storage.join(folder, MARKER)):
+        return True
+    try:
+        return bool(storage.list_files(folder, pattern="manifest-*.parquet"))
+    except (FileNotFoundError, OSError):
+        return False
+
+
+def _shard_name(index: int, prefix: str = "manifest") -> str:
+    return f"{prefix}-{index:05d}.parquet"
+
+
+def write_manifest_table(
+    table: pa.Table, out: str, *, rows_per_shard: int = 100_000, first_shard: int = 0, marker: bool = True, **extra
+) -> list[str]:
+    """Write an Arrow table of manifest rows as shards, then (``marker``) the marker that commits them.
+
+    Columns are cast to :data:`MANIFEST_SCHEMA`; ids must be unique (checked in Arrow, without Python rows).
+    """
+    if rows_per_shard < 1:
+        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+    table = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+    if table.num_rows == 0:
+        raise ValueError(f"no images for the pool manifest at {out}; check the source folder, pattern or split")
+    check_unique_ids(table.column("image_id"), out)
+    shards = []
+    for n, start in enumerate(range(0, table.num_rows, rows_per_shard)):
+        uri = storage.join(out, _shard_name(first_shard + n))
+        storage.write_parquet(uri, table.slice(start, rows_per_shard))
+        shards.append(uri)
+    if marker:
+        write_marker(out, shards, table.num_rows, **extra)
+    logger.info("wrote %d manifest rows in %d shard(s) to %s", table.num_rows, len(shards), out)
+    return shards
+
+
+def check_unique_ids(ids: pa.ChunkedArray | pa.Array, where: str) -> None:
+    """Raise ``ValueError`` naming repeated image ids (Arrow: no per-row Python objects)."""
+    counts = pc.value_counts(ids)
+    repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        raise ValueError(
+            f"{where}: duplicate image id(s) {repeated.to_pylist()[:10]}; image ids must be unique in a pool"
+        )
+
+
 def write_manifest(rows: Iterable[Row], out: str, *, rows_per_shard: int = 10_000) -> list[str]:
-    """Write rows as ``out/manifest-00000.parquet`` … shards of at most ``rows_per_shard`` rows.
+    """Write rows as ``out/manifest-00000.parquet`` … shards of at most ``rows_per_shard`` rows, then the
+    marker.
 
     Returns:
         The shard URIs. Raises ``ValueError`` on a duplicate image id or an empty pool.
@@ -71,7 +160,7 @@ def write_manifest(rows: Iterable[Row], out: str, *, rows_per_shard: int = 10_00
         table = pa.Table.from_arrays(
             [pa.array(c, type=f.type) for c, f in zip(columns, MANIFEST_SCHEMA)], schema=MANIFEST_SCHEMA
         )
-        uri = storage.join(out, f"manifest-{len(shards):05d}.parquet")
+        uri = storage.join(out, _shard_name(len(shards)))
         storage.write_parquet(uri, table)
         shards.append(uri)
         batch.clear()
@@ -87,14 +176,128 @@ def write_manifest(rows: Iterable[Row], out: str, *, rows_per_shard: int = 10_00
         flush()
     if not shards:
         raise ValueError(f"no images for the pool manifest at {out}; check the source folder, pattern or split")
+    write_marker(out, shards, len(seen))
     logger.info("wrote %d manifest rows in %d shard(s) to %s", len(seen), len(shards), out)
     return shards
 
 
-def read_manifest(folder: str) -> pa.Table:
-    """All shards of a manifest folder as one table, in shard order."""
-    shards = [uri for uri in storage.list_files(folder, pattern="manifest-*.parquet")]
+def manifest_shards(folder: str) -> list[str]:
+    """The shards of a manifest: those its marker lists (strays of an interrupted write are not read), or
+    every ``manifest-*.parquet`` of a folder without a marker."""
+    marker = read_marker(folder)
+    if marker is not None:
+        return [storage.join(folder, name) for name in marker["shards"]]
+    return storage.list_files(folder, pattern="manifest-*.parquet")
+
+
+def read_manifest(folder: str, *, ids: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
+    """All shards of a manifest folder as one table, in shard order (only the rows of ``ids`` when given).
+
+    A folder with a marker must hold exactly the rows it counts: a changed pool is an error, not a
+    silently smaller or larger one.
+    """
+    shards = manifest_shards(folder)
     if not shards:
         raise FileNotFoundError(f"{folder} has no manifest-*.parquet shards; build them with `almdn-ray pool build`")
-    tables = [storage.read_parquet(uri).cast(MANIFEST_SCHEMA) for uri in shards]
+    names = list(columns) if columns is not None else MANIFEST_SCHEMA.names
+    schema = pa.schema([MANIFEST_SCHEMA.field(n) for n in names])
+    wanted = pa.array(list(ids), pa.string()) if ids is not None else None
+    tables, rows = [], 0
+    for uri in shards:
+        try:
+            table = storage.read_parquet(uri, columns=names if wanted is None else sorted({*names, "image_id"}))
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{uri}: a shard of the manifest {folder} is missing") from error
+        rows += table.num_rows
+        if wanted is not None:
+            table = table.filter(pc.is_in(table.column("image_id"), wanted))
+        tables.append(table.select(names).cast(schema))
+    marker = read_marker(folder)
+    if marker is not None and rows != marker["rows"]:
+        raise ValueError(
+            f"{folder}: the shards hold {rows} rows but the manifest's marker ({MARKER}) says {marker['rows']}; "
+            "the manifest was changed after it was written: rebuild it"
+        )
     return pa.concat_tables(tables)
+
+
+def manifest_rows(folder: str) -> int:
+    """Row count of a committed manifest (its marker), without reading the shards."""
+    marker = read_marker(folder)
+    if marker is None:
+        raise FileNotFoundError(f"{folder}: no {MARKER}; the manifest is incomplete")
+    return int(marker["rows"])
+
+
+# ---- building from a folder of images, resumably and in parallel ----------------------------------------------
+PLAN = "_LISTING.parquet"  # the sorted file list of a build, written first: a resumed build cuts the same chunks
+
+
+def plan_image_build(folder: str, out: str, *, pattern: str = "*") -> list[str]:
+    """The image files a ``pool build`` of ``folder`` reads, listed once and kept in ``out`` so that a resumed
+    build (even after files were added) writes the same shards."""
+    plan_uri = storage.join(out, PLAN)
+    if storage.exists(plan_uri):
+        return storage.read_parquet(plan_uri).column("uri").to_pylist()
+    uris = [u for u in storage.list_files(folder, pattern=pattern) if u.lower().endswith(IMAGE_SUFFIXES)]
+    if not uris:
+        raise ValueError(f"no images under {folder} match {pattern!r}; check the folder and --pattern")
+    storage.write_parquet(plan_uri, pa.table({"uri": pa.array(uris, pa.string())}))
+    return uris
+
+
+def build_image_shard(folder: str, uris: Sequence[str], shard_uri: str) -> list[str]:
+    """Read the headers of ``uris`` (files under ``folder``) into one manifest shard; returns what was skipped."""
+    skipped: list[str] = []
+    rows = list(rows_from_uris(folder, uris, skipped=skipped))
+    table = pa.Table.from_arrays(
+        [pa.array(c, type=f.type) for c, f in zip(zip(*rows) if rows else ([],) * 4, MANIFEST_SCHEMA)],
+        schema=MANIFEST_SCHEMA,
+    )
+    storage.write_parquet(shard_uri, table)
+    return skipped
+
+
+def build_image_manifest(
+    folder: str,
+    out: str,
+    *,
+    pattern: str = "*",
+    rows_per_shard: int = 10_000,
+    map_chunks: Callable[[Callable, list], Iterable] | None = None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> tuple[list[str], list[str]]:
+    """``pool build`` of an image folder: one shard per chunk of files, chunks already written are kept (a
+    resumed build reads only the rest), the marker last.
+
+    Args:
+        map_chunks: ``map_chunks(function, args)`` runs ``function(*a)`` for each chunk's ``a`` and yields the
+            results in order (the CLI passes Ray tasks for a large pool); default: one after another here.
+        on_chunk: called with the number of files of each finished chunk.
+
+    Returns:
+        The shard URIs and the files skipped (unreadable headers).
+    """
+    if read_marker(out) is not None:
+        marker = read_marker(out)
+        return [storage.join(out, n) for n in marker["shards"]], list(marker.get("skipped", []))
+    uris = plan_image_build(folder, out, pattern=pattern)
+    chunks = [uris[i : i + rows_per_shard] for i in range(0, len(uris), rows_per_shard)]
+    shard_uris = [storage.join(out, _shard_name(n)) for n in range(len(chunks))]
+    todo = [(folder, chunk, uri) for chunk, uri in zip(chunks, shard_uris) if not storage.exists(uri)]
+    if len(todo) < len(chunks):
+        logger.info("%s: %d of %d shards already written; reading the rest", out, len(chunks) - len(todo), len(chunks))
+    skipped: list[str] = []
+    mapper = map_chunks or (lambda function, args: (function(*a) for a in args))
+    for args, result in zip(todo, mapper(build_image_shard, todo)):
+        skipped += result
+        if on_chunk is not None:
+            on_chunk(len(args[1]))
+    ids = pa.concat_arrays(
+        [storage.read_parquet(uri, columns=["image_id"]).column("image_id").combine_chunks() for uri in shard_uris]
+    )
+    check_unique_ids(ids, out)
+    if len(ids) == 0:
+        raise ValueError(f"no readable images under {folder}; every file was skipped")
+    write_marker(out, shard_uris, len(ids), skipped=skipped[:1000])
+    return shard_uris, skipped
