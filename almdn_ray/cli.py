@@ -18,7 +18,7 @@ app = typer.Typer(
     add_completion=False,
 )
 data_app = typer.Typer(help="Check datasets and build the demo dataset.", no_args_is_help=True)
-pool_app = typer.Typer(help="Build the unlabeled pool's Parquet manifest.", no_args_is_help=True)
+pool_app = typer.Typer(help="Build the pool's Parquet manifest; add images to a run's pool.", no_args_is_help=True)
 labels_app = typer.Typer(help="Human labelling: export the selection, import the labels.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(pool_app, name="pool")
@@ -56,6 +56,17 @@ def _progress(description: str, total: int | None):
     ) as progress:
         task = progress.add_task(description, total=total)
         yield lambda: progress.advance(task)
+
+
+_ENDPOINT = typer.Option(
+    None, "--endpoint", help="S3-compatible endpoint URL of the run's storage (default: AWS_ENDPOINT_URL)."
+)
+
+
+def _use_endpoint(endpoint: str | None) -> None:
+    from almdn_ray import storage
+
+    storage.configure(endpoint=endpoint)
 
 
 @app.command()
@@ -150,6 +161,9 @@ def data_demo(
     typer.echo(f"pool: {written['pool']} ({images} images)\ntest: {written['test']} ({test_images} images)")
 
 
+RAY_BUILD_FROM_FILES = 50_000  # `pool build` of a folder with more files than this reads headers in Ray tasks
+
+
 @pool_app.command("build")
 def pool_build(
     source: str = typer.Argument(..., help="COCO JSON, VOC devkit folder, or a folder of images (local or s3://)."),
@@ -158,25 +172,90 @@ def pool_build(
     pattern: str = typer.Option("*", help="Image folder: glob of file names to include, e.g. '*.jpg'."),
     rows_per_shard: int = typer.Option(10_000, min=1, help="Rows per Parquet shard."),
     image_root: str = typer.Option(None, help="COCO: folder the file_names are relative to."),
+    use_ray: bool = typer.Option(
+        None, "--ray/--no-ray", help=f"Read image headers in Ray tasks (default: above {RAY_BUILD_FROM_FILES} files)."
+    ),
 ) -> None:
-    """Write the pool manifest (image_id, uri, width, height) as Parquet shards."""
-    from almdn_ray.data.manifest import rows_from_dataset, rows_from_images, write_manifest
+    """Write the pool manifest (image_id, uri, width, height) as Parquet shards, then its marker.
+
+    An image folder is listed once and read in chunks, one shard each: an interrupted build run again
+    reads only the chunks not written yet. The marker (_MANIFEST.json) is written last; a run refuses a
+    manifest without it.
+    """
+    from almdn_ray.data.manifest import build_image_manifest, dataset_table, read_marker, write_manifest_table
     from almdn_ray.data.records import DatasetError
     from almdn_ray.data.validate import detect_format, read_dataset
 
     skipped: list[str] = []
     try:
-        with _progress("reading image headers", None) as advance:
-            if detect_format(source) == "images":
-                rows = rows_from_images(source, pattern=pattern, skipped=skipped, on_image=advance)
-            else:
-                rows = rows_from_dataset(read_dataset(source, split=split, image_root=image_root))
-            shards = write_manifest(rows, out, rows_per_shard=rows_per_shard)
+        if read_marker(out) is not None:
+            raise _fail(f"{out} already holds a complete manifest; give another folder (or delete it to rebuild)")
+        if detect_format(source) == "images":
+
+            def map_chunks(function, args):
+                files = sum(len(a[1]) for a in args)
+                if use_ray or (use_ray is None and files > RAY_BUILD_FROM_FILES):
+                    from almdn_ray.distributed.pool_build import ray_map_chunks
+
+                    return ray_map_chunks(function, args)
+                return (function(*a) for a in args)
+
+            with _progress("reading image headers", None) as advance:
+                shards, skipped = build_image_manifest(
+                    source,
+                    out,
+                    pattern=pattern,
+                    rows_per_shard=rows_per_shard,
+                    map_chunks=map_chunks,
+                    on_chunk=lambda n: [advance() for _ in range(n)],
+                )
+        else:
+            table = dataset_table(read_dataset(source, split=split, image_root=image_root))
+            shards = write_manifest_table(table, out, rows_per_shard=rows_per_shard)
     except (DatasetError, FileNotFoundError, ValueError, OSError) as error:
         raise _fail(str(error)) from error
     for line in skipped:
         typer.secho(f"skipped: {line}", fg=typer.colors.YELLOW)
     typer.echo(f"wrote {len(shards)} shard(s) to {out}")
+
+
+@pool_app.command("add")
+def pool_add(
+    run_uri: str = typer.Argument(..., help="The run's storage URI."),
+    source: str = typer.Argument(..., help="New images: a manifest folder, a folder of images, or a COCO/VOC split."),
+    split: str = typer.Option(None, help="VOC split (default trainval)."),
+    pattern: str = typer.Option("*", help="Image folder: glob of file names to include."),
+    image_root: str = typer.Option(None, help="COCO: folder the file_names are relative to."),
+    endpoint: str = _ENDPOINT,
+) -> None:
+    """Append new images to a run's pool between cycles; the next SCORE stage scores them."""
+    from almdn_ray.data.manifest import dataset_table, is_manifest, read_manifest, rows_from_images
+    from almdn_ray.data.records import DatasetError
+    from almdn_ray.data.validate import detect_format, read_dataset
+    from almdn_ray.pool_growth import PoolAddError, add_to_pool
+    from almdn_ray.state import LeaseError
+
+    _use_endpoint(endpoint)
+    try:
+        job = _job_of(run_uri)
+        if is_manifest(source):
+            table = read_manifest(source)
+        elif detect_format(source) == "images":
+            import pyarrow as pa
+
+            from almdn_ray.data.manifest import MANIFEST_SCHEMA
+
+            rows = list(rows_from_images(source, pattern=pattern))
+            table = pa.Table.from_arrays(
+                [pa.array(c, type=f.type) for c, f in zip(zip(*rows) if rows else ([],) * 4, MANIFEST_SCHEMA)],
+                schema=MANIFEST_SCHEMA,
+            )
+        else:
+            table = dataset_table(read_dataset(source, split=split, image_root=image_root))
+        added = add_to_pool(run_uri, job, table, source)
+    except (PoolAddError, LeaseError, DatasetError, FileNotFoundError, ValueError, OSError) as error:
+        raise _fail(str(error)) from error
+    typer.echo(f"added {added['rows']} images to the pool (now {added['pool']}); the next SCORE stage scores them")
 
 
 def _load(job_file: Path):
@@ -251,17 +330,6 @@ def experiment(
         raise _fail(str(error)) from error
     typer.echo(storage.read_bytes(paths["markdown"]).decode())
     typer.echo(f"table: {paths['markdown']}\nplot: {paths['plot']}")
-
-
-_ENDPOINT = typer.Option(
-    None, "--endpoint", help="S3-compatible endpoint URL of the run's storage (default: AWS_ENDPOINT_URL)."
-)
-
-
-def _use_endpoint(endpoint: str | None) -> None:
-    from almdn_ray import storage
-
-    storage.configure(endpoint=endpoint)
 
 
 @app.command()

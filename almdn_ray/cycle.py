@@ -153,9 +153,9 @@ class Driver:
                 candidates = pa.array(sorted(pool.labels), pa.string())  # start from the labels that exist
             else:
                 unlabelled = pool.unlabelled_ids()
-                if self.job.labels.mode == "simulation" and len(unlabelled):
+                if self.job.labels.mode == "simulate" and len(unlabelled):
                     raise SpecError(
-                        f"labels.mode simulation labels every selected image from the dataset, but "
+                        f"labels.mode simulate labels every selected image from the dataset, but "
                         f"{len(unlabelled)} of the {len(pool)} pool images have no labels (e.g. "
                         f"{unlabelled.slice(0, 3).to_pylist()}); give them (dataset.labels) or set labels.mode: human"
                     )

@@ -1,0 +1,108 @@
+"""Growing a run's pool between cycles (``almdn-ray pool add``): teams receive new images every week."""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from almdn_ray import storage
+from almdn_ray.data.manifest import (
+    MANIFEST_SCHEMA,
+    check_unique_ids,
+    manifest_shards,
+    read_manifest,
+    read_marker,
+    write_manifest_table,
+    write_marker,
+)
+from almdn_ray.layout import RunLayout
+from almdn_ray.state import Lease, load_state, save_state
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PoolAddError", "add_to_pool"]
+
+ADD_ROWS_PER_SHARD = 1_000_000
+
+
+class PoolAddError(ValueError):
+    """Images that cannot be added; the pool is unchanged."""
+
+
+def _named(ids: pa.Array, limit: int = 20) -> str:
+    shown = ids.slice(0, limit).to_pylist()
+    return f"{shown}" + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def add_to_pool(run: str, job, table: pa.Table, source: str) -> dict:
+    """Append ``table``'s manifest rows to the run's frozen pool, committed by its marker (all or nothing).
+
+    Refused, naming the ids: images already labelled (or selected for labelling), images already in the pool,
+    ids repeated in ``table``. Only between cycles' drivers (the run's lease is taken) and in human mode
+    (a simulation run's labels come from its dataset, which does not have the new images).
+
+    Returns:
+        ``{"rows": added, "pool": rows now}``.
+    """
+    layout = RunLayout(run)
+    if job.labels.mode != "human":
+        raise PoolAddError(
+            f"{run}: labels.mode is {job.labels.mode}: its labels come from dataset.train, which lacks new images; "
+            "pool add is for human-labelled runs"
+        )
+    lease = Lease(run)
+    lease.acquire()
+    try:
+        state = load_state(run)
+        marker = read_marker(layout.pool)
+        if state is None or marker is None:
+            raise PoolAddError(f"{run}: the run has no frozen pool yet; start it with `almdn-ray run` first")
+        if state.status == "finished":
+            raise PoolAddError(f"{run}: the run is finished; start a new run with the grown pool")
+        table = table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+        if table.num_rows == 0:
+            raise PoolAddError(f"{source}: no images to add")
+        try:
+            check_unique_ids(table.column("image_id"), source)
+        except ValueError as error:
+            raise PoolAddError(str(error)) from error
+        new_ids = table.column("image_id")
+        labelled = []
+        for k in range(state.cycle + 1):
+            for name in ("labeled.parquet", "selected.parquet"):
+                if storage.exists(layout.cycle(k, name)):
+                    labelled += storage.read_parquet(layout.cycle(k, name)).column("image_id").to_pylist()
+        labelled = pa.array(sorted(set(labelled)), pa.string())
+        problems = []
+        taken = pc.filter(new_ids, pc.is_in(new_ids, labelled))
+        if len(taken):
+            problems.append(f"{len(taken)} image id(s) are already labelled or selected for labelling: {_named(taken)}")
+        present = read_manifest(layout.pool, columns=["image_id"]).column("image_id")
+        again = pc.filter(new_ids, pc.and_(pc.is_in(new_ids, present), pc.invert(pc.is_in(new_ids, labelled))))
+        if len(again):
+            problems.append(f"{len(again)} image id(s) are already in the pool: {_named(again)}")
+        if problems:
+            raise PoolAddError(f"{source}: nothing added:\n  " + "\n  ".join(problems))
+        kept = set(marker["shards"])
+        for stray in storage.list_files(layout.pool, pattern="manifest-*.parquet"):
+            if stray.rsplit("/", 1)[-1] not in kept:  # an interrupted earlier add: never committed
+                storage.delete(stray)
+        shards = manifest_shards(layout.pool)
+        added = write_manifest_table(
+            table, layout.pool, rows_per_shard=ADD_ROWS_PER_SHARD, first_shard=len(shards), marker=False
+        )
+        when = datetime.now(UTC).isoformat(timespec="seconds")
+        entry = {"source": source, "rows": table.num_rows, "cycle": state.cycle, "added_at": when}
+        rows = int(marker["rows"]) + table.num_rows
+        extra = {k: v for k, v in marker.items() if k not in ("rows", "shards", "additions")}
+        write_marker(layout.pool, shards + added, rows, **extra, additions=[*marker.get("additions", []), entry])
+        state.history.append({"cycle": state.cycle, "stage": "pool add", "seconds": 0.0, "finished_at": when,
+                              "rows": table.num_rows, "source": source})  # fmt: skip
+        save_state(run, state)
+        logger.info("%s: added %d images from %s (pool: %d)", run, table.num_rows, source, rows)
+        return {"rows": table.num_rows, "pool": rows}
+    finally:
+        lease.release()
