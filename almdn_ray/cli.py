@@ -280,12 +280,19 @@ def run(job_file: Path = typer.Argument(..., help="Job spec YAML (see jobs/)."))
     job = _load(job_file)
     try:
         from almdn_ray.distributed.placement import PlacementError
-        from almdn_ray.distributed.stages import connect, ray_stage_functions
+        from almdn_ray.distributed.stages import ray_stage_functions
 
-        driver = Driver(job, ray_stage_functions(), progress=lambda m: typer.echo(f"[almdn-ray] {m}"))
-        connect(job)
-        state = driver.run()
-    except (SpecError, LeaseError, DatasetError, FileNotFoundError, BackboneWeightsError, PlacementError) as error:
+        driver = Driver(job, ray_stage_functions(job), progress=lambda m: typer.echo(f"[almdn-ray] {m}"))
+        state = driver.run()  # Ray starts (or is attached) when a stage first needs it
+    except (
+        SpecError,
+        LeaseError,
+        DatasetError,
+        FileNotFoundError,
+        BackboneWeightsError,
+        PlacementError,
+        ValueError,
+    ) as error:
         raise _fail(str(error)) from error
     if state.status == "finished":
         paths = write_report(job.storage.uri)

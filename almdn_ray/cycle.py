@@ -160,10 +160,11 @@ class Driver:
                         f"{unlabelled.slice(0, 3).to_pylist()}); give them (dataset.labels) or set labels.mode: human"
                     )
                 candidates = pool.image_ids
-            ordered = pc.take(candidates, pc.sort_indices(candidates))
-            size = min(self.job.acquisition.initial_labeled, len(ordered))
-            chosen = np.sort(np.random.default_rng(self.job.seed).choice(len(ordered), size=size, replace=False))
-            storage.write_parquet(first, pa.table({"image_id": pc.take(ordered, pa.array(chosen))}))
+            order = pc.sort_indices(candidates)  # positions in id order (the ids themselves are not copied)
+            size = min(self.job.acquisition.initial_labeled, len(order))
+            chosen = np.sort(np.random.default_rng(self.job.seed).choice(len(order), size=size, replace=False))
+            ids = pc.take(candidates, pc.take(order, pa.array(chosen)))
+            storage.write_parquet(first, pa.table({"image_id": ids}))
             logger.info("initial labelled set: %d random images (seed %d)", size, self.job.seed)
 
     def training_records(self, k: int) -> list[ImageRecord]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from almdn_ray import storage
-from almdn_ray.config import JobSpec, SpecError
-from almdn_ray.model.detector import ModelSpec
+
+if TYPE_CHECKING:  # torch-free at import: `status` and `report` read a run without loading the model code
+    from almdn_ray.config import JobSpec
+    from almdn_ray.model.detector import ModelSpec
 
 __all__ = ["RunLayout", "model_spec", "labeled_ids"]
 
@@ -18,6 +21,7 @@ class RunLayout:
         self.run = run
         self.job = storage.join(run, "job.yaml")
         self.pool = storage.join(run, "pool")
+        self.pool_marker = storage.join(self.pool, "_MANIFEST.json")  # = data.manifest.MARKER, written last
         self.report = storage.join(run, "report")
         self.initial_labels = self.cycle(0, "initial-labels.json")  # a cold start's hand labels of the first set
 
@@ -27,6 +31,8 @@ class RunLayout:
 
 def model_spec(job: JobSpec, num_classes: int) -> ModelSpec:
     """The job's model with the dataset's class count (background included)."""
+    from almdn_ray.config import SpecError
+
     if job.model.num_classes not in (None, num_classes):
         raise SpecError(
             f"model.num_classes is {job.model.num_classes} but the dataset has {num_classes} classes "

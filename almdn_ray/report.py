@@ -8,7 +8,6 @@ import logging
 import yaml
 
 from almdn_ray import storage
-from almdn_ray.data.manifest import read_marker
 from almdn_ray.layout import RunLayout
 from almdn_ray.state import load_state
 
@@ -36,7 +35,7 @@ def run_status(run: str) -> dict:
                 coco_ap=metrics.get("coco", {}).get("AP"),
             )
         cycles.append(entry)
-    marker = read_marker(layout.pool)
+    marker = storage.read_json(layout.pool_marker) if storage.exists(layout.pool_marker) else None
     return {
         "run_id": state.run_id,
         "status": state.status,

@@ -93,7 +93,7 @@ def test_a_10000_image_pool_without_labels_starts_by_labelling_its_initial_set(t
     state = Driver(spec, recorder.functions()).run()
     assert (state.status, state.cycle, state.stage) == ("awaiting_labels", 0, "train") and recorder.calls == []
     layout = RunLayout(str(run))
-    assert read_marker(layout.pool)["rows"] == 10_000
+    assert read_marker(layout.pool)["rows"] == 10_000 and layout.pool_marker.endswith(MARKER)
     initial = label_what_is_awaited(run, tmp_path, "initial.json")
     assert len(initial) == 50 and sorted(initial) == labeled_ids(layout, 0)
     csv_rows = storage.read_bytes(layout.cycle(0, "export", "to_label.csv")).decode().splitlines()

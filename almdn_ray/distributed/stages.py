@@ -104,5 +104,17 @@ def _evaluate(weights_uri: str, dataset: Dataset, spec: ModelSpec, job: JobSpec)
     )
 
 
-def ray_stage_functions() -> StageFunctions:
-    return StageFunctions(train=_train, score=_score, evaluate=_evaluate)
+def ray_stage_functions(job: JobSpec | None = None) -> StageFunctions:
+    """The Ray stage functions; with ``job``, each connects to Ray (:func:`connect`) on its first call, so a
+    run that only waits for labels (a cold start) never starts Ray."""
+    if job is None:
+        return StageFunctions(train=_train, score=_score, evaluate=_evaluate)
+
+    def connected(function):
+        def call(*args, **kwargs):
+            connect(job)
+            return function(*args, **kwargs)
+
+        return call
+
+    return StageFunctions(train=connected(_train), score=connected(_score), evaluate=connected(_evaluate))
