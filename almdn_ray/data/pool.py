@@ -16,13 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from almdn_ray.data.manifest import MANIFEST_SCHEMA, dataset_table, is_manifest, read_manifest
+from almdn_ray.data.manifest import MANIFEST_SCHEMA, MARKER, dataset_table, is_manifest, read_manifest, read_marker
 from almdn_ray.data.records import DataProblems, Dataset, DatasetError, ImageRecord
 from almdn_ray.data.validate import read_dataset
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Pool", "load_pool", "pool_source_table"]
+__all__ = ["Pool", "load_pool"]
 
 
 @dataclass
@@ -104,14 +104,6 @@ def _renamed(record: ImageRecord, image_id: str) -> ImageRecord:
     return ImageRecord(image_id, record.uri, record.width, record.height, record.boxes, record.labels, record.difficult)
 
 
-def pool_source_table(dataset_spec) -> pa.Table:
-    """The rows of the pool a job names (its manifest, or its COCO / VOC split), before the run freezes them."""
-    d = dataset_spec
-    if is_manifest(d.train):
-        return read_manifest(d.train)
-    return dataset_table(read_dataset(d.train, split=d.train_split, classes=d.classes, image_root=d.train_image_root))
-
-
 def load_pool(dataset_spec, *, table: pa.Table | None = None) -> Pool:
     """The job's pool: ``table`` (the run's frozen manifest) or the job's source rows, and its labels.
 
@@ -124,6 +116,11 @@ def load_pool(dataset_spec, *, table: pa.Table | None = None) -> Pool:
     """
     d = dataset_spec
     if is_manifest(d.train):
+        if table is None and read_marker(d.train) is None:
+            raise ValueError(
+                f"dataset.train {d.train} has manifest shards but no {MARKER}: `pool build` did not finish; run "
+                "the same `almdn-ray pool build` again to complete it (it resumes)"
+            )
         rows = table if table is not None else read_manifest(d.train)
         if d.labels is None:
             if not d.classes:
