@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import io
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_image
 
 from almdn_ray import storage
 
-__all__ = ["ImageReadError", "IMAGE_SUFFIXES", "read_image", "decode_image_bytes", "image_size"]
+__all__ = ["ImageReadError", "IMAGE_SUFFIXES", "MAX_PIXELS", "read_image", "decode_image_bytes", "image_size"]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff")
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -20,23 +21,69 @@ class ImageReadError(OSError):
     """An image file is missing, truncated or not an image; the message names the URI."""
 
 
+MAX_PIXELS = 150_000_000  # larger images (a 12k x 12k scan) are refused, not decoded into gigabytes
+
+
+def _as_rgb8(pixels: torch.Tensor) -> torch.Tensor:
+    """Any decoder output as ``[3, H, W]`` uint8: the first frame of an animation, 16-bit scaled to 8."""
+    if pixels.ndim == 4:  # animated GIF / WebP: [T, C, H, W]
+        pixels = pixels[0]
+    if pixels.dtype != torch.uint8:
+        top = 65535.0 if pixels.dtype in (torch.uint16, torch.int32) else float(pixels.max().clamp(min=1))
+        pixels = (pixels.float() * (255.0 / top)).round().clamp(0, 255).to(torch.uint8)
+    if pixels.shape[0] == 1:
+        pixels = pixels.expand(3, -1, -1)
+    elif pixels.shape[0] == 4:
+        pixels = pixels[:3]
+    return pixels.contiguous()
+
+
+def _decode_with_pillow(data: bytes) -> torch.Tensor:
+    """TIFF, BMP, CMYK and other kinds torchvision's decoders do not take: Pillow, first frame, RGB."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.seek(0)
+        rgb = image.convert("RGB")
+        return torch.from_numpy(np.asarray(rgb, dtype=np.uint8).copy()).permute(2, 0, 1).contiguous()
+
+
 def decode_image_bytes(data: bytes, uri: str) -> torch.Tensor:
-    """Decode encoded image bytes to ``[3, H, W]`` uint8 RGB."""
+    """Decode encoded image bytes to ``[3, H, W]`` uint8 RGB, whatever the image's kind.
+
+    Grayscale, RGBA, palette, 16-bit, CMYK, animated (first frame), TIFF and BMP images are converted;
+    empty, truncated, zero-size, unreadable and huge (> :data:`MAX_PIXELS`) ones raise :class:`ImageReadError`.
+    """
     if not data:
         raise ImageReadError(f"{uri}: the file is empty")
-    if data.startswith(_PNG_SIGNATURE):
-        # torchvision's PNG decoder crashes the process (SIGSEGV) on a chunk with corrupt data; Pillow's
-        # verify() checks every chunk's CRC first, without decoding pixels (~0.05 ms).
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                image.verify()
-        except Exception as error:  # Pillow raises SyntaxError, OSError, ValueError … for broken files
-            raise ImageReadError(f"{uri}: corrupt PNG ({error}); re-export or remove it") from error
     try:
-        return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else "undecodable"
-        raise ImageReadError(f"{uri}: corrupt or truncated image ({reason}); re-export or remove it") from error
+        with Image.open(io.BytesIO(data)) as header:
+            width, height = header.size
+            if data.startswith(_PNG_SIGNATURE):
+                # torchvision's PNG decoder crashes the process (SIGSEGV) on a chunk with corrupt data;
+                # Pillow's verify() checks every chunk's CRC first, without decoding pixels (~0.05 ms).
+                header.verify()
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(f"{uri}: image too large to decode ({error})") from error
+    except Exception as error:  # Pillow raises SyntaxError, OSError, ValueError … for broken files
+        kind = "corrupt PNG" if data.startswith(_PNG_SIGNATURE) else "corrupt or truncated image"
+        raise ImageReadError(f"{uri}: {kind} ({error}); re-export or remove it") from error
+    if width < 1 or height < 1:
+        raise ImageReadError(f"{uri}: the image has no pixels ({width}x{height})")
+    if width * height > MAX_PIXELS:
+        raise ImageReadError(
+            f"{uri}: {width}x{height} is over {MAX_PIXELS:,} pixels; downscale it before adding it to a dataset"
+        )
+    try:
+        pixels = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as first:
+        try:
+            pixels = _decode_with_pillow(data)
+        except Exception as error:
+            reason = str(first).strip().splitlines()[0] if str(first).strip() else "undecodable"
+            raise ImageReadError(f"{uri}: corrupt or truncated image ({reason}); re-export or remove it") from error
+    pixels = _as_rgb8(pixels)
+    if tuple(pixels.shape) != (3, height, width):
+        raise ImageReadError(f"{uri}: decoded to {tuple(pixels.shape)}, the header says {width}x{height}")
+    return pixels
 
 
 def read_image(uri: str) -> torch.Tensor:

@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from almdn_ray import storage
 from almdn_ray.data import images
@@ -51,3 +52,21 @@ def test_storage_errors_name_the_uri(s3_endpoint, s3_bucket):
         storage.write_bytes("s3://no-such-bucket-here/x.json", b"{}")
     with pytest.raises(storage.StorageError, match="unsupported storage URI"):
         storage.resolve("gs://bucket/x")
+
+
+def test_every_odd_image_kind_decodes_to_rgb_or_is_an_error_naming_it(tmp_path, monkeypatch):
+    from tests.data.odd_images import write_odd_images
+
+    monkeypatch.setattr(images, "MAX_PIXELS", 10_000)  # the "huge" image is 120 x 100
+    for name, (path, error) in write_odd_images(tmp_path).items():
+        if error is None:
+            pixels = images.read_image(path)
+            assert pixels.dtype == torch.uint8 and tuple(pixels.shape) == (3, 40, 56), name
+        else:
+            with pytest.raises(images.ImageReadError, match=error) as caught:
+                images.read_image(path)
+            assert path in str(caught.value), name
+    gray = images.read_image(str(tmp_path / "gray.png"))
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    sixteen = images.read_image(str(tmp_path / "sixteen_bit.png"))
+    assert sixteen.max() > 200  # 16-bit scaled to 8, not clipped to 255 or truncated to 0

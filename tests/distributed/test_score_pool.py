@@ -51,7 +51,7 @@ def test_every_row_once_and_the_same_selection_as_one_process(
     write_manifest(
         rows_from_dataset(Dataset(records, ("red", "blue"))), f"{base}/pool", rows_per_shard=-(-len(records) // shards)
     )
-    assert len(storage.list_files(f"{base}/pool")) == shards
+    assert len(storage.list_files(f"{base}/pool", pattern="manifest-*.parquet")) == shards
     out = score_pool(
         manifest_uri=f"{base}/pool",
         weights_uri=weights,
@@ -94,3 +94,31 @@ def test_rerun_overwrites_instead_of_appending(ray_session, pool, tmp_path):
         )
     assert read_scores(str(tmp_path / "scores")).num_rows == 10
     assert read_manifest(str(tmp_path / "pool")).num_rows == 10
+
+
+def test_a_pool_of_every_odd_image_kind_is_scored_or_recorded_once(ray_session, pool, tmp_path):
+    from almdn_ray.distributed.score_pool import score_pool
+    from tests.data.odd_images import write_odd_images
+
+    odd = write_odd_images(tmp_path / "odd")
+    rows = [(name, path, 56, 40) for name, (path, _) in odd.items()]
+    write_manifest(rows, str(tmp_path / "pool"), rows_per_shard=5)
+    out = score_pool(
+        manifest_uri=str(tmp_path / "pool"),
+        weights_uri=pool[2],
+        out_uri=str(tmp_path / "scores"),
+        spec=SPEC,
+        postprocess=CONFIG,
+        num_actors=2,
+        batch_size=4,
+        rows_per_block=3,
+    )
+    scores = read_scores(out)
+    ids = scores.column("image_id").to_pylist()
+    assert sorted(ids) == sorted(odd)  # every row once: none lost with its batch, none repeated
+    errors = dict(zip(ids, scores.column("error").to_pylist()))
+    # The workers keep the real size limit: the 120 x 100 "huge" image is an ordinary one there.
+    assert {name for name, e in errors.items() if e} == {"truncated.jpg", "empty.png", "text.jpg"}
+    assert all(odd[name][0] in errors[name] for name in ("truncated.jpg", "empty.png", "text.jpg"))
+    n_det = dict(zip(ids, scores.column("n_det").to_pylist()))
+    assert all(n_det[name] >= 0 for name in odd)
