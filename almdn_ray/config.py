@@ -30,6 +30,16 @@ class StorageSpec:
     uri: str = "runs/quickstart"  # local path, file:// or s3://bucket/prefix
     endpoint: str | None = None  # S3-compatible endpoint (MinIO, Ceph); default: AWS_ENDPOINT_URL
 
+    def __post_init__(self):
+        if not self.uri.strip():
+            raise ValueError("storage.uri is empty: give the run's folder (a path, file:// or s3://bucket/prefix)")
+        if "://" in self.uri and not self.uri.startswith(("s3://", "file://")):
+            scheme = self.uri.split("://", 1)[0]
+            raise ValueError(
+                f"storage.uri {self.uri!r}: {scheme}:// is not supported; use a local path, file:// or s3:// "
+                "(for GCS, its S3-compatible endpoint: s3:// with storage.endpoint https://storage.googleapis.com)"
+            )
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -41,6 +51,14 @@ class DatasetSpec:
     train_image_root: str | None = None  # COCO: folder the train file_names are relative to (default: JSON's)
     test_image_root: str | None = None
     classes: list[str] | None = None  # VOC: class names (default: the 20 VOC classes)
+
+    def __post_init__(self):
+        if self.classes is not None:
+            if not self.classes:
+                raise ValueError("dataset.classes is empty: list the class names, or remove the key")
+            repeated = sorted({c for c in self.classes if self.classes.count(c) > 1})
+            if repeated:
+                raise ValueError(f"dataset.classes names {repeated} more than once")
 
 
 @dataclass(frozen=True)
@@ -130,6 +148,8 @@ class JobSpec:
     def __post_init__(self):
         if self.version != SPEC_VERSION:
             raise ValueError(f"version: this almdn-ray reads job spec version {SPEC_VERSION}, got {self.version}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
         if self.acquisition.strategy == "mc_dropout" and self.model.dropout <= 0:
             raise ValueError(
                 "acquisition.strategy is mc_dropout but model.dropout is 0: MC dropout needs dropout in the model; "

@@ -120,11 +120,29 @@ def read_bytes(uri: str, *, endpoint: str | None = None) -> bytes:
         raise _explain(uri, error) from error
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _fsync_folder(folder: str) -> None:
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass  # some filesystems do not sync directories
+    finally:
+        os.close(descriptor)
+
+
 def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
     """Write a file atomically: readers see the old content or the new, never a part.
 
-    Local files are written to a temporary file beside the target and renamed over it; an object store
-    PUT replaces the object in one step.
+    Local files are written to a temporary file beside the target, synced, given the umask's mode (0644
+    by default) and renamed over it, and the folder is synced; an object store PUT replaces the object in one
+    step.
     """
     fs, path = resolve(uri, endpoint=endpoint)
     try:
@@ -135,7 +153,11 @@ def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
             try:
                 with os.fdopen(handle, "wb") as stream:
                     stream.write(data)
+                    stream.flush()
+                    os.fsync(stream.fileno())  # the bytes are on disk before the name points at them
+                os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes 0600: others sharing the storage read it
                 os.replace(temporary, path)
+                _fsync_folder(folder)  # and the rename survives a power loss
             finally:
                 if os.path.exists(temporary):
                     os.unlink(temporary)

@@ -19,6 +19,14 @@ def _parent(uri: str) -> str:
     return posixpath.dirname(uri) if "://" in uri else os.path.dirname(os.path.abspath(uri))
 
 
+def _finite_size(value) -> int | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if np.isfinite(number) and number >= 1 else None
+
+
 def _name_parts(file_name: str) -> list[str]:
     """A ``file_name``'s path parts; Windows tools write ``\\`` separators."""
     return [part for part in file_name.replace("\\", "/").split("/") if part not in ("", ".")]
@@ -98,7 +106,6 @@ def read_coco(annotation_file: str, *, image_root: str | None = None) -> Dataset
     root = image_root if image_root is not None else _parent(annotation_file)
 
     categories = _classes(content, annotation_file, problems)
-    problems.raise_if_errors(annotation_file)
     category_ids = tuple(int(c["id"]) for c in categories)
     label_of = {cid: i + 1 for i, cid in enumerate(category_ids)}
     images = {}
@@ -106,6 +113,19 @@ def read_coco(annotation_file: str, *, image_root: str | None = None) -> Dataset
         missing = [k for k in ("id", "file_name", "width", "height") if k not in image]
         if missing:
             problems.error(f"{annotation_file}: images[{position}] lacks {missing}")
+            continue
+        if ".." in _name_parts(str(image["file_name"])) or str(image["file_name"]).startswith(("/", "\\")):
+            problems.error(
+                f"{annotation_file}: images[{position}] file_name {image['file_name']!r} leaves the image root; "
+                "give names relative to it (and --image-root / dataset.*_image_root for the folder)"
+            )
+            continue
+        sizes = [_finite_size(image.get(k)) for k in ("width", "height")]
+        if None in sizes:
+            problems.error(
+                f"{annotation_file}: images[{position}] ({image['file_name']}) width/height "
+                f"{image.get('width')!r}x{image.get('height')!r} must be positive numbers"
+            )
             continue
         if image["id"] in images:
             problems.error(f"{annotation_file}: images[{position}] repeats image id {image['id']}; ids must be unique")
@@ -135,7 +155,7 @@ def read_coco(annotation_file: str, *, image_root: str | None = None) -> Dataset
         where = f"{annotation_file}: image {image_id} ({image['file_name']})"
         keep = clip_boxes(boxes, int(image["width"]), int(image["height"]), where, problems)
         labels = np.asarray([label_of[a["category_id"]] for a in anns], np.int64)
-        crowd = np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool)
+        crowd = np.asarray([str(a.get("iscrowd", 0)).strip().lower() in ("1", "true") for a in anns], bool)
         records.append(
             ImageRecord(
                 str(image_id),

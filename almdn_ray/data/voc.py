@@ -81,7 +81,14 @@ def _read_annotation(
     width, height = (_text(root, f"size/{key}", uri, problems) for key in ("width", "height"))
     if width is None or height is None:
         return None
-    width, height = int(float(width)), int(float(height))
+    raw = (width, height)
+    try:
+        width, height = int(float(width)), int(float(height))
+    except (OverflowError, ValueError):
+        width = height = 0
+    if width < 1 or height < 1:
+        problems.error(f"{uri}: <size> {raw[0]!r} x {raw[1]!r} is not a positive image size; fix the XML")
+        return None
     boxes, labels, difficult = [], [], []
     for index, obj in enumerate(root.iter("object")):
         name = _text(obj, "name", f"{uri} object {index}", problems)
