@@ -268,7 +268,12 @@ def _load(job_file: Path):
 
 
 @app.command()
-def run(job_file: Path = typer.Argument(..., help="Job spec YAML (see jobs/).")) -> None:
+def run(
+    job_file: Path = typer.Argument(..., help="Job spec YAML (see jobs/)."),
+    accept_changed_labels: bool = typer.Option(
+        False, help="Resume although the labels of images the run trained on were changed in the dataset."
+    ),
+) -> None:
     """Run (or resume) an active-learning run: local Ray unless RAY_ADDRESS points at a cluster."""
     from almdn_ray.config import SpecError
     from almdn_ray.cycle import Driver
@@ -282,7 +287,12 @@ def run(job_file: Path = typer.Argument(..., help="Job spec YAML (see jobs/)."))
         from almdn_ray.distributed.placement import PlacementError
         from almdn_ray.distributed.stages import ray_stage_functions
 
-        driver = Driver(job, ray_stage_functions(job), progress=lambda m: typer.echo(f"[almdn-ray] {m}"))
+        driver = Driver(
+            job,
+            ray_stage_functions(job),
+            progress=lambda m: typer.echo(f"[almdn-ray] {m}"),
+            accept_changed_labels=accept_changed_labels,
+        )
         state = driver.run()  # Ray starts (or is attached) when a stage first needs it
     except (
         SpecError,
@@ -358,9 +368,10 @@ def status(
         typer.echo(f"  pool: {info['pool']} images" + (f" ({added} added by `pool add`)" if added else ""))
     for c in info["cycles"]:
         metric = f", VOC07 mAP {c['map_voc07']:.4f}" if c.get("map_voc07") is not None else ""
+        bad = ", ".join(f"{n} {where}" for where, n in c.get("unreadable", {}).items() if n)
         typer.echo(
             f"  cycle {c['cycle']}: {c.get('labeled', '?')} labelled, done: {', '.join(c['stages_done']) or '-'}"
-            f"{metric}"
+            f"{metric}" + (f"; unreadable images left out: {bad}" if bad else "")
         )
 
 

@@ -8,6 +8,7 @@ local ones.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -53,15 +54,31 @@ class StageFunctions:
     evaluate: Callable[..., dict]
 
 
+def _digest(record: ImageRecord) -> str:
+    """A fingerprint of one image's labels (boxes, classes, difficult flags)."""
+    digest = hashlib.sha1(record.boxes.astype(np.float32).tobytes())
+    digest.update(record.labels.astype(np.int64).tobytes())
+    digest.update(record.difficult.astype(bool).tobytes())
+    return digest.hexdigest()
+
+
 class Driver:
     """Carries a run through its cycles; resumable at any point, one driver per run (a lease)."""
 
-    def __init__(self, job: JobSpec, functions: StageFunctions, *, progress: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        job: JobSpec,
+        functions: StageFunctions,
+        *,
+        progress: Callable[[str], None] | None = None,
+        accept_changed_labels: bool = False,
+    ):
         storage.configure(endpoint=job.storage.endpoint)  # every read and write of this process
         self.job = job
         self.functions = functions
         self.layout = RunLayout(job.storage.uri)
         self.progress = progress or (lambda message: None)
+        self.accept_changed_labels = accept_changed_labels
         self._pool: Pool | None = None
         self._test: Dataset | None = None
 
@@ -82,6 +99,40 @@ class Driver:
             test = read_dataset(d.test, split=d.test_split or "test", classes=classes, image_root=d.test_image_root)
             self._test = test.with_classes(self.pool.classes, d.test)
         return self._test
+
+    def _readable(self, records: list[ImageRecord], where: str) -> list[ImageRecord]:
+        """``records`` without the images that cannot be decoded; each checked once per run (decoded in the
+        driver), the unreadable ones listed in ``where`` (a JSON of ``image_id -> why``) and logged."""
+        from almdn_ray.data.images import ImageReadError, read_image
+
+        cache_uri = storage.join(self.layout.run, "image-checks.json")
+        checked = storage.read_json(cache_uri) if storage.exists(cache_uri) else {}
+        fresh = {}
+        for record in records:
+            key = f"{record.image_id}\t{record.uri}"
+            if key in checked:
+                continue
+            try:
+                image = read_image(record.uri)
+                size_ok = tuple(image.shape[-2:]) == (record.height, record.width)
+                fresh[key] = (
+                    None
+                    if size_ok
+                    else (
+                        f"{record.uri}: image is {image.shape[-1]}x{image.shape[-2]}, its labels say "
+                        f"{record.width}x{record.height}"
+                    )
+                )
+            except ImageReadError as error:
+                fresh[key] = str(error)
+        if fresh:
+            checked.update(fresh)
+            storage.write_json(cache_uri, checked)
+        bad = {r.image_id: checked[f"{r.image_id}\t{r.uri}"] for r in records if checked[f"{r.image_id}\t{r.uri}"]}
+        if bad:
+            logger.warning("%d unreadable image(s) left out (%s), e.g. %s", len(bad), where, next(iter(bad.values())))
+        storage.write_json(where, bad)
+        return [r for r in records if r.image_id not in bad]
 
     @property
     def spec(self) -> ModelSpec:
@@ -113,21 +164,23 @@ class Driver:
                 self.progress(f"run {state.run_id} is already finished")
                 return state
             self._prepare()
+            self.check_labels_unchanged(range(state.cycle + 1))
             state.status = "running"
             while state.status == "running":
                 stage = state.stage
+                lease.check()  # a driver whose lease was taken starts nothing more
                 self.progress(f"cycle {state.cycle}: {stage}")
                 start = time.perf_counter()
                 finished = getattr(self, f"_{stage}")(state.cycle)
                 if not finished:
                     state.status = "awaiting_labels"
-                    save_state(self.layout.run, state)
+                    save_state(self.layout.run, state, lease)
                     self.progress(f"cycle {state.cycle}: waiting for labels (almdn-ray labels export/import)")
                     break
                 state.done(
                     stage, time.perf_counter() - start, last_cycle=state.cycle >= self.job.acquisition.cycles - 1
                 )
-                save_state(self.layout.run, state)
+                save_state(self.layout.run, state, lease)
                 pause = os.environ.get("ALMDN_RAY_PAUSE_AFTER_STAGE")  # crash-recovery tests kill the driver here
                 if pause == stage:
                     time.sleep(float(os.environ.get("ALMDN_RAY_PAUSE_S", "30")))
@@ -186,9 +239,55 @@ class Driver:
         first = self.layout.cycle(k, "train")
         return [first] + [storage.join(first, f"member-{m}") for m in range(1, self.job.ensemble_members)]
 
+    def _fingerprint_uri(self, k: int) -> str:
+        return self.layout.cycle(k, "labels-fingerprint.parquet")
+
+    def check_labels_unchanged(self, cycles: range) -> None:
+        """Refuse a resume whose labels of already-trained images differ from what those cycles trained on
+        (a dataset edited in place), naming the images; ``accept_changed_labels`` turns it into a warning."""
+        changed: dict[str, str] = {}
+        current: dict[str, str] = {}
+        accepted_uri = storage.join(self.layout.run, "labels-accepted.json")
+        accepted = storage.read_json(accepted_uri) if storage.exists(accepted_uri) else {}
+        for k in cycles:
+            uri = self._fingerprint_uri(k)
+            if not storage.exists(uri):
+                continue
+            stored = storage.read_parquet(uri)
+            ids = stored.column("image_id").to_pylist()
+            try:
+                now = dict(zip(ids, (_digest(r) for r in self.training_records(k))))
+            except (RuntimeError, KeyError) as error:
+                changed.update({i: f"cycle {k}: {error}" for i in ids[:1]})
+                continue
+            for image_id, digest in zip(ids, stored.column("digest").to_pylist()):
+                if now.get(image_id) not in (digest, accepted.get(image_id)):
+                    changed.setdefault(image_id, f"cycle {k}")
+                    current[image_id] = now.get(image_id)
+        if not changed:
+            return
+        names = ", ".join(f"{i} ({why})" for i, why in list(changed.items())[:10])
+        message = f"the labels of {len(changed)} image(s) this run already trained on have changed since: {names}" + (
+            " …" if len(changed) > 10 else ""
+        )
+        if self.accept_changed_labels:
+            logger.warning("%s; continuing (--accept-changed-labels)", message)
+            storage.write_json(accepted_uri, {**accepted, **current})  # later resumes need no flag for these
+            return
+        raise SpecError(
+            f"{message}. Restore the dataset, or resume with `almdn-ray run --accept-changed-labels` to train the "
+            "next cycles on the new labels (the finished cycles stay as they were)"
+        )
+
     def _train(self, k: int) -> bool:
         if k == 0 and self.cold_start() and not storage.exists(self.layout.initial_labels):
             return False  # the initial set goes to the labellers first
+        if not storage.exists(self._fingerprint_uri(k)):
+            trained = self.training_records(k)
+            storage.write_parquet(
+                self._fingerprint_uri(k),
+                pa.table({"image_id": [r.image_id for r in trained], "digest": [_digest(r) for r in trained]}),
+            )
         records = None
         for m, folder in enumerate(self.member_dirs(k)):
             if storage.exists(storage.join(folder, "model.pt")):
@@ -196,7 +295,7 @@ class Driver:
             init = None
             if self.job.warm_start and k > 0:
                 init = storage.join(self.member_dirs(k - 1)[m], "model.pt")
-            records = records or self.training_records(k)
+            records = records or self._readable(self.training_records(k), self.layout.cycle(k, "train-unreadable.json"))
             job, name = self.job, f"cycle-{k:03d}"
             if m > 0:  # an ensemble member: its own initialisation, batch order and augmentation
                 job = replace(job, train=replace(job.train, seed=job.train.seed + 7919 * m))
@@ -208,7 +307,12 @@ class Driver:
     def _eval(self, k: int) -> bool:
         out = self.layout.cycle(k, "metrics.json")
         if not storage.exists(out):
-            metrics = self.functions.evaluate(self.layout.cycle(k, "train", "model.pt"), self.test, self.spec, self.job)
+            test = self.test
+            readable = self._readable(test.records, self.layout.cycle(k, "test-unreadable.json"))
+            if len(readable) < len(test.records):
+                test = replace(test, records=readable)
+            metrics = self.functions.evaluate(self.layout.cycle(k, "train", "model.pt"), test, self.spec, self.job)
+            metrics["unreadable_test_images"] = len(self.test.records) - len(readable)
             metrics["labeled"] = len(labeled_ids(self.layout, k))
             metrics["cycle"] = k
             metrics["classes"] = list(self.pool.classes)

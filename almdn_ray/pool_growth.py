@@ -86,6 +86,7 @@ def add_to_pool(run: str, job, table: pa.Table, source: str) -> dict:
             problems.append(f"{len(again)} image id(s) are already in the pool: {_named(again)}")
         if problems:
             raise PoolAddError(f"{source}: nothing added:\n  " + "\n  ".join(problems))
+        lease.check()
         kept = set(marker["shards"])
         for stray in storage.list_files(layout.pool, pattern="manifest-*.parquet"):
             if stray.rsplit("/", 1)[-1] not in kept:  # an interrupted earlier add: never committed
@@ -98,10 +99,11 @@ def add_to_pool(run: str, job, table: pa.Table, source: str) -> dict:
         entry = {"source": source, "rows": table.num_rows, "cycle": state.cycle, "added_at": when}
         rows = int(marker["rows"]) + table.num_rows
         extra = {k: v for k, v in marker.items() if k not in ("rows", "shards", "additions")}
+        lease.check()  # the commit
         write_marker(layout.pool, shards + added, rows, **extra, additions=[*marker.get("additions", []), entry])
         state.history.append({"cycle": state.cycle, "stage": "pool add", "seconds": 0.0, "finished_at": when,
                               "rows": table.num_rows, "source": source})  # fmt: skip
-        save_state(run, state)
+        save_state(run, state, lease)
         logger.info("%s: added %d images from %s (pool: %d)", run, table.num_rows, source, rows)
         return {"rows": table.num_rows, "pool": rows}
     finally:

@@ -34,6 +34,18 @@ def run_status(run: str) -> dict:
                 map_area=metrics.get("map_area"),
                 coco_ap=metrics.get("coco", {}).get("AP"),
             )
+        unreadable = {}
+        if storage.exists(layout.cycle(k, "train-unreadable.json")):
+            unreadable["train"] = len(storage.read_json(layout.cycle(k, "train-unreadable.json")))
+        if storage.exists(layout.cycle(k, "test-unreadable.json")):
+            unreadable["test"] = len(storage.read_json(layout.cycle(k, "test-unreadable.json")))
+        if storage.exists(layout.cycle(k, "scores", "_SUCCESS")):
+            errors = 0
+            for uri in storage.list_files(layout.cycle(k, "scores"), pattern="*.parquet"):
+                column = storage.read_parquet(uri, columns=["error"]).column("error")
+                errors += len(column) - column.null_count
+            unreadable["pool"] = errors
+        entry["unreadable"] = unreadable
         cycles.append(entry)
     marker = storage.read_json(layout.pool_marker) if storage.exists(layout.pool_marker) else None
     return {
@@ -167,12 +179,13 @@ def write_report(run: str, *, pictures: int = 6) -> dict[str, str]:
     lines += [
         "![mAP against labelled images](curve.png)",
         "",
-        "| cycle | labelled images | VOC07 mAP | area mAP | COCO AP |",
-        "|---|---|---|---|---|",
+        "| cycle | labelled images | VOC07 mAP | area mAP | COCO AP | unreadable images (train / test / pool) |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         coco = f"{r['coco_ap']:.4f}" if r.get("coco_ap") is not None else "–"
-        lines.append(f"| {r['cycle']} | {r['labeled']} | {r['map_voc07']:.4f} | {r['map_area']:.4f} | {coco} |")
+        bad = " / ".join(str(r["unreadable"].get(key, "–")) for key in ("train", "test", "pool"))
+        lines.append(f"| {r['cycle']} | {r['labeled']} | {r['map_voc07']:.4f} | {r['map_area']:.4f} | {coco} | {bad} |")
     try:
         drawn = _uncertain_pictures(run, layout, pictures)
     except Exception as error:  # pictures are a courtesy: a report without them is still a report

@@ -10,11 +10,13 @@ it). pyarrow does not read the endpoint variables itself, so this module passes 
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import io
 import json
 import os
 import posixpath
 import tempfile
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -166,6 +168,91 @@ def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
             stream.write(data)
     except OSError as error:
         raise _explain(uri, error) from error
+
+
+# ---- conditional writes (the run's lease) ------------------------------------------------------------------
+def _s3_client(endpoint: str | None):
+    import boto3
+
+    env = os.environ
+    endpoint = endpoint or _ENDPOINT or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region)
+
+
+def _bucket_key(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return bucket, key
+
+
+@contextmanager
+def _local_lock(path: str):
+    """An exclusive ``flock`` on ``path.lock``: local compare-and-swap between processes."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_versioned(uri: str, *, endpoint: str | None = None) -> tuple[bytes, str] | None:
+    """A file's bytes and a version tag that :func:`replace_if` checks (S3: the ETag), or None if absent."""
+    if is_remote(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(uri)
+        try:
+            got = _s3_client(endpoint).get_object(Bucket=bucket, Key=key)
+        except ClientError as error:
+            if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise _explain(uri, OSError(str(error))) from error
+        return got["Body"].read(), got["ETag"]
+    _, path = resolve(uri)
+    try:
+        with open(path, "rb") as stream:
+            data = stream.read()
+    except FileNotFoundError:
+        return None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _conditional_put(uri: str, data: bytes, version: str | None, endpoint: str | None) -> bool:
+    """Write ``data`` only if the file is absent (``version`` None) or still at ``version``."""
+    if is_remote(uri):
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(uri)
+        condition = {"IfNoneMatch": "*"} if version is None else {"IfMatch": version}
+        try:
+            _s3_client(endpoint).put_object(Bucket=bucket, Key=key, Body=data, **condition)
+        except ClientError as error:
+            code = error.response.get("Error", {}).get("Code")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409", "NoSuchKey"):
+                return False
+            raise _explain(uri, OSError(str(error))) from error
+        return True
+    _, path = resolve(uri)
+    with _local_lock(path):
+        current = read_versioned(uri)
+        if (current is None) != (version is None) or (current is not None and current[1] != version):
+            return False
+        write_bytes(uri, data)
+        return True
+
+
+def create_exclusive(uri: str, data: bytes, *, endpoint: str | None = None) -> bool:
+    """Create a file unless it exists (S3 ``If-None-Match: *``; a local lock): True if this call created it."""
+    return _conditional_put(uri, data, None, endpoint)
+
+
+def replace_if(uri: str, data: bytes, version: str, *, endpoint: str | None = None) -> bool:
+    """Replace a file only if it is still at ``version`` (S3 ``If-Match``; a local lock): True if replaced."""
+    return _conditional_put(uri, data, version, endpoint)
 
 
 def read_json(uri: str, *, endpoint: str | None = None) -> Any:

@@ -14,7 +14,7 @@ from almdn_ray.cycle import Driver, RunLayout, StageFunctions, labeled_ids
 from almdn_ray.data.demo import DemoConfig, build_demo
 from almdn_ray.labels import LabelImportError, export_labels, import_labels
 from almdn_ray.scoring import SCORE_SCHEMA
-from almdn_ray.state import Lease, LeaseError, load_state
+from almdn_ray.state import load_state
 
 
 class Recorder:
@@ -135,29 +135,6 @@ def test_a_changed_spec_is_refused_with_the_keys(demo, tmp_path):
     Driver(job(demo, tmp_path, cycles=1), Recorder().functions()).run()
     with pytest.raises(SpecError, match=r"changed keys: \['acquisition.budget', 'acquisition.cycles'\]"):
         Driver(job(demo, tmp_path, cycles=2, budget=7), Recorder().functions()).run()
-
-
-def test_a_second_driver_is_refused_and_an_expired_lease_taken_over(demo, tmp_path):
-    spec = job(demo, tmp_path, cycles=1)
-    lease_uri = storage.join(str(tmp_path), "lease.json")
-    storage.write_json(
-        lease_uri,
-        {"owner": "elsewhere:42:abc", "host": "elsewhere", "pid": 42, "expires_at": __import__("time").time() + 600},
-    )
-    with pytest.raises(LeaseError, match="owned by driver elsewhere:42:abc until"):
-        Driver(spec, Recorder().functions()).run()
-    storage.write_json(lease_uri, {"owner": "elsewhere:42:abc", "host": "elsewhere", "pid": 42, "expires_at": 0})
-    assert Driver(spec, Recorder().functions()).run().status == "finished"
-    assert not storage.exists(lease_uri)  # released at the end
-    live = Lease(str(tmp_path))
-    live.acquire()
-    try:
-        other = Lease(str(tmp_path))
-        other.host = "another-host"  # a driver elsewhere cannot see whether this process is alive
-        with pytest.raises(LeaseError, match="owned by driver"):
-            other.acquire()
-    finally:
-        live.release()
 
 
 def test_human_labelling_round_trip(demo, tmp_path):

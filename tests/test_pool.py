@@ -34,15 +34,27 @@ cli = CliRunner()
 CLASSES = ["cat", "dog"]
 
 
-def synthetic_manifest(folder: Path, n: int, *, prefix: str = "img", rows_per_shard: int = 2_500) -> str:
-    """A pool manifest in `pool build`'s schema (images that are never read by these tests)."""
+def synthetic_manifest(
+    folder: Path, n: int, *, prefix: str = "img", rows_per_shard: int = 2_500, uri_root: str | None = None
+) -> str:
+    """A pool manifest in `pool build`'s schema; its images are real 64 x 48 PNGs beside it (``uri_root``:
+    URIs under a root that is never read instead)."""
     ids = [f"{prefix}/{i:07d}" for i in range(n)]
+    if uri_root is None:
+        images = folder.parent / f"{folder.name}-images"
+        data = encode_image(random_image(64, 48, seed=1))
+        for i in ids:
+            (images / i).parent.mkdir(parents=True, exist_ok=True)
+            (images / f"{i}.png").write_bytes(data)
+        uris = [str(images / f"{i}.png") for i in ids]
+    else:
+        uris = [f"{uri_root}/{i}.jpg" for i in ids]
     table = pa.table(
         {
             "image_id": ids,
-            "uri": [f"s3://bucket/{i}.jpg" for i in ids],
-            "width": pa.array([640] * n, pa.int32()),
-            "height": pa.array([480] * n, pa.int32()),
+            "uri": uris,
+            "width": pa.array([64] * n, pa.int32()),
+            "height": pa.array([48] * n, pa.int32()),
         }
     )
     write_manifest_table(table, str(folder), rows_per_shard=rows_per_shard)
@@ -52,7 +64,8 @@ def synthetic_manifest(folder: Path, n: int, *, prefix: str = "img", rows_per_sh
 @pytest.fixture(scope="module")
 def test_split(tmp_path_factory):
     path = tmp_path_factory.mktemp("test") / "test.json"
-    image = {"id": 1, "file_name": "t.jpg", "width": 64, "height": 64}
+    (path.parent / "t.png").write_bytes(encode_image(random_image(64, 64)))
+    image = {"id": 1, "file_name": "t.png", "width": 64, "height": 64}
     annotation = {"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 9, 9]}
     categories = [{"id": i + 1, "name": name} for i, name in enumerate(CLASSES)]
     path.write_text(json.dumps({"images": [image], "annotations": [annotation], "categories": categories}))
@@ -77,7 +90,7 @@ def label_what_is_awaited(run, tmp_path, name):
     assert result.exit_code == 0, result.output
     skeleton = json.loads(Path(result.output.split("coco labels file: ")[1].split("\n")[0]).read_text())
     skeleton["annotations"] = [
-        {"id": n, "image_id": image["id"], "category_id": 1 + n % 2, "bbox": [10, 20, 30, 40]}
+        {"id": n, "image_id": image["id"], "category_id": 1 + n % 2, "bbox": [10, 10, 30, 30]}
         for n, image in enumerate(skeleton["images"], start=1)
     ]
     (tmp_path / name).write_text(json.dumps(skeleton))
@@ -102,7 +115,7 @@ def test_a_10000_image_pool_without_labels_starts_by_labelling_its_initial_set(t
     assert (state.status, state.cycle, state.stage) == ("awaiting_labels", 0, "label")
     trained = recorder.train_records[0]
     assert [r.image_id for r in trained] == sorted(initial)
-    assert all(r.boxes.tolist() == [[10, 20, 40, 60]] for r in trained)  # the imported boxes
+    assert all(r.boxes.tolist() == [[10, 10, 40, 40]] for r in trained)  # the imported boxes
     scored = read_manifest(layout.cycle(0, "unlabeled")).column("image_id").to_pylist()
     assert len(scored) == len(set(scored)) == 10_000 - 50 and not set(scored) & set(initial)
     selected = label_what_is_awaited(run, tmp_path, "cycle0.json")
@@ -132,7 +145,7 @@ def test_an_unfinished_pool_build_is_not_taken_for_a_pool(tmp_path, test_split):
 def test_a_manifest_with_the_labels_that_exist_matches_them_by_id_or_uri(tmp_path, test_split):
     from almdn_ray.data.pool import load_pool
 
-    manifest = synthetic_manifest(tmp_path / "manifest", 30)
+    manifest = synthetic_manifest(tmp_path / "manifest", 30, uri_root="s3://bucket")
     coco = {
         "images": [{"id": 7, "file_name": "img/0000003.jpg", "width": 640, "height": 480}],
         "annotations": [{"id": 1, "image_id": 7, "category_id": 2, "bbox": [1, 2, 3, 4]}],
