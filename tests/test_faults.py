@@ -103,13 +103,12 @@ print("done", writes[0])
 """
 
 
-class DeterministicStages(Recorder):
-    """Stage functions whose outputs follow from their inputs (the model file is a digest of the trained
-    boxes, the metrics a function of it); every call is noted in ``calls.log`` with whether its stage was
+class DeterministicStages:
+    """The real stage bodies in one process, without Ray (a real model trained, the pool scored, the test
+    split evaluated; deterministic on one CPU), each call noted in ``calls.log`` with whether its stage was
     already finished (in the history) when it was called."""
 
     def __init__(self, run):
-        super().__init__()
         self.run = run
 
     def _note(self, stage, cycle):
@@ -119,27 +118,65 @@ class DeterministicStages(Recorder):
             log.write(json.dumps({"stage": stage, "cycle": cycle, "redone": done}) + "\n")
 
     def train(self, records, spec, job, storage_uri, run_name, init):
+        import io
+
+        import torch
+
+        from almdn_ray.data.transforms import DetectionDataset, train_transform
+        from almdn_ray.training import LocalContext, train_worker
+
         self._note("train", int(run_name.split("-")[1]))
-        digest = hashlib.sha1(repr([(r.image_id, r.boxes.tolist(), r.labels.tolist()) for r in records]).encode())
-        storage.write_bytes(storage.join(storage_uri, "model.pt"), digest.hexdigest().encode())
+        torch.set_num_threads(1)
+        dataset = DetectionDataset(records, train_transform(spec.input_size, flip=job.train.flip))
+        model = train_worker(spec=spec, dataset=dataset, recipe=job.train, context=LocalContext())
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        storage.write_bytes(storage.join(storage_uri, "model.pt"), buffer.getvalue())
         return storage.join(storage_uri, "model.pt")
 
     def score(self, manifest, weights, out, spec, job, member_uris=()):
+        import torch
+
+        from almdn_ray import scoring
+        from almdn_ray.data.manifest import read_manifest
+
         self._note("score", int(out.split("/cycles/")[1][:3]))
-        return super().score(manifest, weights, out, spec, job, member_uris)
+        torch.set_num_threads(1)
+        model = scoring.load_model(spec, weights)
+        table = scoring.score_table(model, read_manifest(manifest), config=job.acquisition.postprocess())
+        storage.write_parquet(storage.join(out, "part-00000.parquet"), table)
 
     def evaluate(self, weights, dataset, spec, job):
+        import torch
+
+        from almdn_ray import evaluation, scoring
+
         self._note("eval", int(weights.split("/cycles/")[1][:3]))
-        value = int(storage.read_bytes(weights)[:6], 16) / 2**24
-        return {"map_voc07": value, "map_area": value / 2, "coco": {"AP": value / 3}}
+        torch.set_num_threads(1)
+        return evaluation.evaluate(scoring.load_model(spec, weights), dataset, log_every=0)
+
+    def functions(self):
+        from almdn_ray.cycle import StageFunctions
+
+        return StageFunctions(train=self.train, score=self.score, evaluate=self.evaluate)
 
 
 def _human_job(demo, run):
     return {
         "storage": {"uri": str(run)},
         "dataset": {"train": str(demo["pool"]), "test": str(demo["test"])},
-        "acquisition": {"initial_labeled": 8, "budget": 4, "cycles": 3},
+        "acquisition": {"initial_labeled": 8, "budget": 4, "cycles": 3, "min_confidence": 0.05},
         "labels": {"mode": "human"},
+        "model": {"preset": "ssdlite320_mobilenet_v3", "image_size": 64},
+        "train": {
+            "max_iterations": 4,
+            "batch_size": 4,
+            "optimizer": "adam",
+            "warmup_iterations": 1,
+            "checkpoint_every": 4,
+            "precise_bn_batches": 0,
+            "lr_steps": [100],
+        },  # fmt: skip
     }
 
 
@@ -166,7 +203,8 @@ def _outcome(run):
         if storage.exists(layout.cycle(k, "labels.json")):
             out[f"labels-{k}"] = storage.read_json(layout.cycle(k, "labels.json"))
         metrics = storage.read_json(layout.cycle(k, "metrics.json"))
-        out[f"metrics-{k}"] = {key: metrics[key] for key in ("map_voc07", "map_area", "labeled", "cycle")}
+        out[f"metrics-{k}"] = {key: metrics[key] for key in ("map_voc07", "map_area", "coco", "labeled", "cycle")}
+        out[f"model-{k}"] = hashlib.sha1(storage.read_bytes(layout.cycle(k, "train", "model.pt"))).hexdigest()
     return out
 
 
