@@ -226,7 +226,10 @@ class Driver:
         wanted = sorted(labeled_ids(self.layout, k))
         by_hand = imported_labels(self.layout, k, self.pool) if self.job.labels.mode == "human" else {}
         missing = [i for i in wanted if i not in by_hand and i not in self.pool.labels]
-        if missing:
+        if missing and self.accept_changed_labels:  # removed from the dataset since: left out, as accepted
+            logger.warning("cycle %d: %d labelled image(s) no longer have labels, left out", k, len(missing))
+            wanted = [i for i in wanted if i not in set(missing)]
+        elif missing:
             raise RuntimeError(
                 f"cycle {k}: {len(missing)} labelled image(s) have no labels, e.g. {missing[:3]}; import them "
                 "(almdn-ray labels import)"
