@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-SCRIPTS = ("overhead.py", "scoring.py", "train.py", "strategy_cost.py", "pool.py")
+SCRIPTS = ("overhead.py", "scoring.py", "train.py", "strategy_cost.py", "pool.py", "anchors.py")
 HERE = Path(__file__).resolve().parent
 
 
