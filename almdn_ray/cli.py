@@ -229,7 +229,7 @@ def pool_add(
     endpoint: str = _ENDPOINT,
 ) -> None:
     """Append new images to a run's pool between cycles; the next SCORE stage scores them."""
-    from almdn_ray.data.manifest import dataset_table, is_manifest, read_manifest, rows_from_images
+    from almdn_ray.data.manifest import dataset_table, is_manifest, read_manifest, rows_from_images, rows_table
     from almdn_ray.data.records import DatasetError
     from almdn_ray.data.validate import detect_format, read_dataset
     from almdn_ray.pool_growth import PoolAddError, add_to_pool
@@ -241,15 +241,7 @@ def pool_add(
         if is_manifest(source):
             table = read_manifest(source)
         elif detect_format(source) == "images":
-            import pyarrow as pa
-
-            from almdn_ray.data.manifest import MANIFEST_SCHEMA
-
-            rows = list(rows_from_images(source, pattern=pattern))
-            table = pa.Table.from_arrays(
-                [pa.array(c, type=f.type) for c, f in zip(zip(*rows) if rows else ([],) * 4, MANIFEST_SCHEMA)],
-                schema=MANIFEST_SCHEMA,
-            )
+            table = rows_table(list(rows_from_images(source, pattern=pattern)))
         else:
             table = dataset_table(read_dataset(source, split=split, image_root=image_root))
         added = add_to_pool(run_uri, job, table, source)

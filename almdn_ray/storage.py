@@ -64,6 +64,14 @@ def _s3(endpoint: str | None, access_key: str | None, secret_key: str | None, re
     return pafs.S3FileSystem(**kwargs)
 
 
+def _endpoint_and_region(endpoint: str | None) -> tuple[str | None, str]:
+    """The S3 endpoint (argument, else :func:`configure`'s, else ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``)
+    and region (``AWS_REGION`` / ``AWS_DEFAULT_REGION``, else us-east-1)."""
+    env = os.environ
+    endpoint = endpoint or _ENDPOINT or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    return endpoint, env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
 def resolve(uri: str, *, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:
     """The filesystem and the path inside it for a URI.
 
@@ -74,9 +82,8 @@ def resolve(uri: str, *, endpoint: str | None = None) -> tuple[pafs.FileSystem, 
     """
     uri = str(uri)
     if is_remote(uri):
+        endpoint, region = _endpoint_and_region(endpoint)
         env = os.environ
-        endpoint = endpoint or _ENDPOINT or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-        region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
         fs = _s3(endpoint, env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"), region)
         return fs, uri.removeprefix("s3://").rstrip("/")
     if uri.startswith("file://"):
@@ -174,9 +181,7 @@ def write_bytes(uri: str, data: bytes, *, endpoint: str | None = None) -> None:
 def _s3_client(endpoint: str | None):
     import boto3
 
-    env = os.environ
-    endpoint = endpoint or _ENDPOINT or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    region = env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "us-east-1"
+    endpoint, region = _endpoint_and_region(endpoint)
     return boto3.client("s3", endpoint_url=endpoint, region_name=region)
 
 

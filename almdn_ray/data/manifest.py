@@ -18,13 +18,21 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MANIFEST_SCHEMA", "MARKER", "rows_from_dataset", "rows_from_images", "rows_from_uris", "write_manifest",
     "write_manifest_table", "read_manifest", "read_marker", "write_marker", "is_manifest", "manifest_shards",
-    "manifest_rows", "check_unique_ids", "build_image_manifest", "build_image_shard", "dataset_table",
+    "manifest_rows", "check_unique_ids", "rows_table", "build_image_manifest", "build_image_shard", "dataset_table",
 ]  # fmt: skip
 
 MANIFEST_SCHEMA = pa.schema(
     [("image_id", pa.string()), ("uri", pa.string()), ("width", pa.int32()), ("height", pa.int32())]
 )
 Row = tuple[str, str, int, int]
+
+
+def rows_table(rows: Sequence[Row]) -> pa.Table:
+    """Manifest rows ``(image_id, uri, width, height)`` as an Arrow table of :data:`MANIFEST_SCHEMA`."""
+    columns = list(zip(*rows)) if rows else [[]] * len(MANIFEST_SCHEMA)
+    return pa.Table.from_arrays(
+        [pa.array(c, type=f.type) for c, f in zip(columns, MANIFEST_SCHEMA)], schema=MANIFEST_SCHEMA
+    )
 
 
 def dataset_table(dataset: Dataset) -> pa.Table:
@@ -158,10 +166,7 @@ def write_manifest(rows: Iterable[Row], out: str, *, rows_per_shard: int = 10_00
     batch: list[Row] = []
 
     def flush() -> None:
-        columns = list(zip(*batch))
-        table = pa.Table.from_arrays(
-            [pa.array(c, type=f.type) for c, f in zip(columns, MANIFEST_SCHEMA)], schema=MANIFEST_SCHEMA
-        )
+        table = rows_table(batch)
         uri = storage.join(out, _shard_name(len(shards)))
         storage.write_parquet(uri, table)
         shards.append(uri)
@@ -252,11 +257,7 @@ def build_image_shard(folder: str, uris: Sequence[str], shard_uri: str) -> list[
     """Read the headers of ``uris`` (files under ``folder``) into one manifest shard; returns what was skipped."""
     skipped: list[str] = []
     rows = list(rows_from_uris(folder, uris, skipped=skipped))
-    table = pa.Table.from_arrays(
-        [pa.array(c, type=f.type) for c, f in zip(zip(*rows) if rows else ([],) * 4, MANIFEST_SCHEMA)],
-        schema=MANIFEST_SCHEMA,
-    )
-    storage.write_parquet(shard_uri, table)
+    storage.write_parquet(shard_uri, rows_table(rows))
     return skipped
 
 
