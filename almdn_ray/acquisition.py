@@ -23,6 +23,7 @@ __all__ = [
     "STRATEGIES",
     "PoolStatistics",
     "Selection",
+    "fill_unscored",
     "almdn_scores",
     "summarize",
     "detection_values",
@@ -305,9 +306,27 @@ def select_rows(
         ``(rows, scores)`` of the ``budget`` best rows, best first; ties go to the lower image id.
     """
     scores = strategy_scores(strategy, summaries, seed=seed, order=order)
-    top = select_top(scores[order], budget)
+    top = fill_unscored(select_top(scores[order], budget), scores[order], seed)
     rows = order[top]
     return rows, scores[rows]
+
+
+def fill_unscored(top: np.ndarray, scores: np.ndarray, seed: int) -> np.ndarray:
+    """Replace the picks that no score chose (``-inf`` or NaN: images without a scored detection) by a
+    seeded random draw among all such images, instead of the lowest ids.
+
+    Args:
+        top: :func:`select_top`'s indices into ``scores``, best first.
+        scores: in the reduce's canonical (image id) order, so the draw does not depend on the shards.
+        seed: the selection's seed (the draw uses its own stream of it).
+    """
+    scored = np.isfinite(scores[top]) | (scores[top] == np.inf)
+    missing = int((~scored).sum())
+    if missing == 0:
+        return top
+    unscored = np.flatnonzero(~(np.isfinite(scores) | (scores == np.inf)))
+    drawn = np.random.default_rng([seed, 0xF111]).permutation(unscored.shape[0])[:missing]
+    return np.concatenate([top[scored], np.sort(unscored[drawn])]).astype(np.int64)
 
 
 def select(

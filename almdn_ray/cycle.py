@@ -300,10 +300,14 @@ class Driver:
                 init = storage.join(self.member_dirs(k - 1)[m], "model.pt")
             records = records or self._readable(self.training_records(k), self.layout.cycle(k, "train-unreadable.json"))
             job, name = self.job, f"cycle-{k:03d}"
+            job = replace(job, train=job.train.for_images(len(records)))
             if m > 0:  # an ensemble member: its own initialisation, batch order and augmentation
                 job = replace(job, train=replace(job.train, seed=job.train.seed + 7919 * m))
                 name = f"{name}-member-{m}"
-            self.progress(f"cycle {k}: training {name} on {len(records)} labelled images")
+            self.progress(
+                f"cycle {k}: training {name} on {len(records)} labelled images for {job.train.max_iterations} "
+                "iterations"
+            )
             self.functions.train(records, self.spec, job, folder, name, init)
         return True
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 
+import numpy as np
 import yaml
 
 from almdn_ray import storage
@@ -34,6 +35,11 @@ def run_status(run: str) -> dict:
                 map_area=metrics.get("map_area"),
                 coco_ap=metrics.get("coco", {}).get("AP"),
             )
+        if storage.exists(layout.cycle(k, "selected.parquet")):
+            picked = storage.read_parquet(layout.cycle(k, "selected.parquet"), columns=["score"]).column("score")
+            scores = picked.to_numpy(zero_copy_only=False)
+            entry["selected"] = len(scores)
+            entry["unscored_picks"] = int((~(np.isfinite(scores) | (scores == np.inf))).sum())
         unreadable = {}
         if storage.exists(layout.cycle(k, "train-unreadable.json")):
             unreadable["train"] = len(storage.read_json(layout.cycle(k, "train-unreadable.json")))
@@ -179,13 +185,23 @@ def write_report(run: str, *, pictures: int = 6) -> dict[str, str]:
     lines += [
         "![mAP against labelled images](curve.png)",
         "",
-        "| cycle | labelled images | VOC07 mAP | area mAP | COCO AP | unreadable images (train / test / pool) |",
-        "|---|---|---|---|---|---|",
+        "| cycle | labelled images | VOC07 mAP | area mAP | COCO AP | selected (of them unscored: random fill) "
+        "| unreadable images (train / test / pool) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         coco = f"{r['coco_ap']:.4f}" if r.get("coco_ap") is not None else "–"
         bad = " / ".join(str(r["unreadable"].get(key, "–")) for key in ("train", "test", "pool"))
-        lines.append(f"| {r['cycle']} | {r['labeled']} | {r['map_voc07']:.4f} | {r['map_area']:.4f} | {coco} | {bad} |")
+        picks = f"{r['selected']} ({r['unscored_picks']})" if "selected" in r else "–"
+        lines.append(
+            f"| {r['cycle']} | {r['labeled']} | {r['map_voc07']:.4f} | {r['map_area']:.4f} | {coco} | {picks} | {bad} |"
+        )
+    if any(r.get("unscored_picks") for r in rows):
+        lines += [
+            "",
+            "Unscored picks: images with no detection at `acquisition.min_confidence`, which no uncertainty can "
+            "rank; they fill the budget by a seeded random draw.",
+        ]
     try:
         drawn = _uncertain_pictures(run, layout, pictures)
     except Exception as error:  # pictures are a courtesy: a report without them is still a report

@@ -9,7 +9,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import torch
@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from almdn_ray import engine
+from almdn_ray.data.transforms import batch_jitter
 from almdn_ray.model.detector import ModelSpec
 from almdn_ray.model.loss import LossConfig, MultiboxMixtureLoss
 
@@ -46,9 +47,15 @@ class TrainRecipe:
     cls_loss: str = "type1"
     augment: bool = True
     flip: bool = True
+    jitter: float = 0.0  # light batch augmentation (zoom/shift, colour), 0 = off; see data.transforms.batch_jitter
     data_workers: int = 0
     precise_bn_batches: int = 20
     seed: int = 0
+    # Passes over the labelled set per cycle: the cycle trains ceil(epochs x labelled / batch_size) iterations
+    # (at least min_iterations, at most max_iterations) and its lr_steps, warm-up and checkpoints scale from
+    # max_iterations to that length. None: every cycle trains max_iterations.
+    epochs: float | None = None
+    min_iterations: int = 100
 
     def __post_init__(self):
         for name in ("max_iterations", "batch_size", "checkpoint_every"):
@@ -60,7 +67,31 @@ class TrainRecipe:
             raise ValueError(f"train.lr must be > 0, got {self.lr}")
         if list(self.lr_steps) != sorted(self.lr_steps):
             raise ValueError(f"train.lr_steps must be increasing, got {list(self.lr_steps)}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"train.epochs must be > 0 (or null for max_iterations per cycle), got {self.epochs}")
+        if not 0.0 <= self.jitter < 0.5:
+            raise ValueError(f"train.jitter must be in [0, 0.5) (0 = off, 0.2 = mild), got {self.jitter}")
+        if self.min_iterations < 1:
+            raise ValueError(f"train.min_iterations must be >= 1, got {self.min_iterations}")
         LossConfig(cls_loss=self.cls_loss)
+
+    def for_images(self, num_images: int) -> TrainRecipe:
+        """The recipe of a cycle that trains on ``num_images`` labelled images: with ``epochs`` set, its
+        length grows with the labelled set and the schedule (lr steps, warm-up, checkpoints) is stretched
+        from ``max_iterations`` to it; without, this recipe unchanged."""
+        if self.epochs is None:
+            return self
+        wanted = math.ceil(self.epochs * num_images / self.batch_size)
+        iterations = max(min(wanted, self.max_iterations), min(self.min_iterations, self.max_iterations))
+        scale = iterations / self.max_iterations
+        return replace(
+            self,
+            max_iterations=iterations,
+            lr_steps=tuple(max(1, round(step * scale)) for step in self.lr_steps),
+            warmup_iterations=max(1, round(self.warmup_iterations * scale)) if self.warmup_iterations else 0,
+            checkpoint_every=max(1, round(self.checkpoint_every * scale)),
+            epochs=None,
+        )
 
 
 def learning_rate(recipe: TrainRecipe, iteration: int) -> float:
@@ -260,7 +291,8 @@ def train_worker(
         batches = loader_from(iteration)
         while iteration < recipe.max_iterations:
             images, targets = next(batches)
-            torch.manual_seed(_mix(recipe.seed, restarts, iteration))  # the loss's sampling noise, per iteration
+            torch.manual_seed(_mix(recipe.seed, restarts, iteration))  # jitter and the loss's noise, per iteration
+            images, targets = batch_jitter(images, targets, recipe.jitter)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(recipe, iteration)
             batch = (images.to(context.device), [{k: v.to(context.device) for k, v in t.items()} for t in targets])

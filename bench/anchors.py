@@ -19,10 +19,10 @@ import torch
 from torchvision.ops import box_iou
 
 
-def coverage(records, preset: str, size: int) -> tuple[int, float, float, int]:
+def coverage(records, preset: str, size: int, **model) -> tuple[int, float, float, int]:
     from almdn_ray.model import ModelSpec
 
-    model = ModelSpec(preset=preset, num_classes=11, image_size=size).build().eval()
+    model = ModelSpec(preset=preset, num_classes=11, image_size=size, **model).build().eval()
     with torch.no_grad():
         _, anchors = model.features(torch.zeros(1, 3, size, size))
     covered, small_covered, total, small = 0, 0, 0, 0
@@ -44,6 +44,18 @@ def coverage(records, preset: str, size: int) -> tuple[int, float, float, int]:
     return len(anchors), covered / max(total, 1), small_covered / max(small, 1), small
 
 
+# The preset's own default boxes, and the small-object setting (stride-8 level, smallest boxes 0.1 of the input)
+# with its default scales and with the scales the quickstart uses.
+SETTINGS = {
+    "preset": {},
+    "small_objects": {"small_objects": True},
+    "small_objects + quickstart scales": {
+        "small_objects": True,
+        "anchor_scales": [0.08, 0.16, 0.3, 0.45, 0.6, 0.75, 0.9, 1.0],
+    },
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=600)
@@ -60,11 +72,14 @@ def main() -> None:
     boxes = sum(len(r.labels) for r in records)
     print(f"demo pool: {len(records)} images, {boxes} boxes; preset {args.preset}")
     print("")
-    print("| input px | default boxes | boxes with an anchor at IoU >= 0.5 | small boxes (< 15 % side) covered |")
-    print("|---|---|---|---|")
-    for size in (int(s) for s in args.sizes.split(",")):
-        count, share, small_share, small = coverage(records, args.preset, size)
-        print(f"| {size} | {count} | {share:.0%} | {small_share:.0%} of {small} |")
+    print(
+        "| model | input px | default boxes | boxes with an anchor at IoU >= 0.5 | small boxes (< 15 % side) covered |"
+    )
+    print("|---|---|---|---|---|")
+    for name, model in SETTINGS.items():
+        for size in (int(s) for s in args.sizes.split(",")):
+            count, share, small_share, small = coverage(records, args.preset, size, **model)
+            print(f"| {name} | {size} | {count} | {share:.0%} | {small_share:.0%} of {small} |")
 
 
 if __name__ == "__main__":

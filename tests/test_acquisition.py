@@ -144,3 +144,29 @@ def test_bad_rows_are_named():
         acq.summarize(np.array([5]), np.zeros((1, 4)), 2)
     with pytest.raises(ValueError, match="unique"):
         acq.select(np.array([1, 1]), acq.summarize(np.array([0]), np.zeros((1, 4)), 2), 1)
+
+
+def test_unscored_picks_are_a_seeded_random_draw_not_the_lowest_ids():
+    # 5 images with a detection, 195 without: a budget of 25 takes the 5 scored first, then 20 drawn at random.
+    num_images = 200
+    image_index = np.array([10, 50, 90, 130, 170])
+    values = np.random.default_rng(0).random((5, 4))
+    summaries = acq.summarize(image_index, values, num_images, entropy=values[:, 0])
+    ids = np.arange(num_images) + 1000
+    for strategy in ("almdn", "entropy"):
+        first = acq.select(ids, summaries, 25, strategy=strategy, seed=4)
+        assert sorted(first.image_ids[:5].tolist()) == (image_index + 1000).tolist()
+        assert np.all(np.isfinite(first.scores[:5])) and np.all(np.isneginf(first.scores[5:]))
+        filled = first.image_ids[5:]
+        assert len(set(filled.tolist())) == 20 and not set(filled.tolist()) & set((image_index + 1000).tolist())
+        lowest = [i for i in ids.tolist() if i - 1000 not in image_index][:20]
+        assert sorted(filled.tolist()) != lowest  # not id order
+        assert max(filled.tolist()) > 1100  # spread over the pool
+        again = acq.select(ids, summaries, 25, strategy=strategy, seed=4)
+        np.testing.assert_array_equal(again.image_ids, first.image_ids)
+        other = acq.select(ids, summaries, 25, strategy=strategy, seed=5)
+        assert set(other.image_ids[5:].tolist()) != set(filled.tolist())
+    # A budget the scored images cover draws nothing.
+    np.testing.assert_array_equal(
+        acq.select(ids, summaries, 3, seed=4).image_ids, acq.select(ids, summaries, 3, seed=9).image_ids
+    )

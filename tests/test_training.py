@@ -53,6 +53,24 @@ def test_learning_rate_schedule_is_the_papers():
         TrainRecipe(lr_steps=(5, 3))
 
 
+def test_epochs_schedule_grows_with_the_labelled_set():
+    recipe = TrainRecipe(
+        max_iterations=2000, batch_size=8, lr_steps=(1500,), warmup_iterations=100, checkpoint_every=500, epochs=10
+    )
+    assert recipe.for_images(100).max_iterations == 125  # ceil(10 x 100 / 8)
+    small, big = recipe.for_images(200), recipe.for_images(400)
+    assert (small.max_iterations, big.max_iterations) == (250, 500)
+    assert big.lr_steps == (375,) and big.warmup_iterations == 25 and big.checkpoint_every == 125
+    assert learning_rate(big, 374) == pytest.approx(recipe.lr) and learning_rate(big, 375) == pytest.approx(1e-4)
+    assert recipe.for_images(10_000).max_iterations == 2000  # max_iterations caps it
+    assert recipe.for_images(8).max_iterations == 100  # min_iterations floors it
+    assert big.epochs is None and big.for_images(7) == big  # a cycle's recipe is final
+    fixed = TrainRecipe(max_iterations=300)
+    assert fixed.for_images(100) is fixed and fixed.for_images(400) is fixed
+    with pytest.raises(ValueError, match="train.epochs"):
+        TrainRecipe(epochs=0)
+
+
 def test_resumes_from_the_latest_checkpoint():
     context = LocalContext()
     train_worker(spec=SPEC, dataset=Scenes(), recipe=recipe(max_iterations=6), context=context)

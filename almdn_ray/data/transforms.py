@@ -16,7 +16,7 @@ from almdn_ray.data.records import ImageRecord
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["train_transform", "eval_transform", "DetectionDataset", "record_target"]
+__all__ = ["train_transform", "eval_transform", "batch_jitter", "DetectionDataset", "record_target"]
 
 
 def train_transform(
@@ -90,3 +90,62 @@ class DetectionDataset(TorchDataset):
             "boxes": out["boxes"].as_subclass(torch.Tensor).float(),
             "labels": out["labels"],
         }
+
+
+def batch_jitter(
+    images: torch.Tensor, targets: list[dict[str, torch.Tensor]], strength: float, *, min_visible: float = 0.6
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Light augmentation of a whole batch on its device (for small data trained briefly): each image is zoomed
+    by a factor in ``[1 - strength, 1 + strength]``, shifted by up to ``strength`` of its side, has its colour
+    channels permuted and its brightness and contrast scaled by up to ``strength``. Boxes follow; a box less than
+    ``min_visible`` of which stays in the image is dropped. Draws come from torch's global generator (the
+    training loop seeds it per iteration, so a resumed run sees the same batches).
+
+    Args:
+        images: ``[B, 3, H, W]`` in [0, 1].
+        targets: per image ``boxes [G, 4]`` xyxy in input pixels and ``labels [G]``.
+        strength: 0 returns the batch unchanged; 0.2 is mild.
+    """
+    if strength <= 0:
+        return images, targets
+    import torch.nn.functional as F
+
+    batch, _, height, width = images.shape
+    device = images.device
+    scale = 1.0 + (torch.rand(batch) * 2 - 1) * strength
+    shift = (torch.rand(batch, 2) * 2 - 1) * strength * 2  # in [-1, 1] coordinates: up to `strength` of a side
+    theta = torch.zeros(batch, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0 / scale
+    theta[:, :, 2] = -shift / scale[:, None]
+    grid = F.affine_grid(theta.to(device), list(images.shape), align_corners=False)
+    out = F.grid_sample(images, grid.to(images.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    permutation = torch.argsort(torch.rand(batch, 3), dim=1).to(device)
+    out = out.gather(1, permutation[:, :, None, None].expand_as(out))
+    brightness = (1.0 + (torch.rand(batch, 1, 1, 1) * 2 - 1) * strength).to(device, images.dtype)
+    contrast = (1.0 + (torch.rand(batch, 1, 1, 1) * 2 - 1) * strength).to(device, images.dtype)
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    out = ((out - mean) * contrast + mean * brightness).clamp(0.0, 1.0)
+    size = torch.tensor([width, height, width, height], dtype=torch.float32)
+    jittered = []
+    for i, target in enumerate(targets):
+        boxes = target["boxes"].float().cpu()
+        if boxes.numel() == 0:
+            jittered.append(target)
+            continue
+        normal = boxes / size * 2 - 1
+        moved = normal * scale[i] + shift[i].repeat(2)
+        moved = (moved + 1) / 2 * size
+        clipped = torch.stack(
+            [
+                moved[:, 0].clamp(0, width),
+                moved[:, 1].clamp(0, height),
+                moved[:, 2].clamp(0, width),
+                moved[:, 3].clamp(0, height),
+            ],
+            dim=1,
+        )
+        area = (moved[:, 2] - moved[:, 0]) * (moved[:, 3] - moved[:, 1])
+        kept_area = (clipped[:, 2] - clipped[:, 0]).clamp(min=0) * (clipped[:, 3] - clipped[:, 1]).clamp(min=0)
+        keep = kept_area >= min_visible * area
+        jittered.append({**target, "boxes": clipped[keep].to(target["boxes"].device), "labels": target["labels"][keep]})
+    return out, jittered

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+from collections import OrderedDict
 from functools import partial
 from pathlib import Path
 
@@ -208,8 +209,9 @@ def mobilenet_v3_extractor(
     trainable_layers: int = 6,
     width_mult: float = 1.0,
     reduced_tail: bool | None = None,
+    small_objects: bool = False,
 ) -> nn.Module:
-    """The SSDLite MobileNetV3-Large feature extractor (six feature maps, 1/16 … 1/320 of the input).
+    """The SSDLite MobileNetV3-Large feature extractor (six feature maps, 1/16 … 1/512 of the input).
 
     Args:
         weights: a torchvision ``mobilenet_v3_large`` ImageNet ``state_dict`` or its file (``classifier.*``
@@ -219,6 +221,8 @@ def mobilenet_v3_extractor(
         reduced_tail: halve the last stage's channels (SSDLite from scratch); ImageNet weights need the full
             tail. Default: reduced without ``weights``. A model that is trained from ImageNet weights and later
             rebuilt to load its trained state must pass False then too.
+        small_objects: also output the stride-8 map (the C3 stage) as a first level, for objects smaller
+            than SSDLite's smallest default box (0.2 of the input at stride 16). Same parameters and keys.
     """
     norm_layer = partial(nn.BatchNorm2d, eps=0.001, momentum=0.03)
     reduced_tail = weights is None if reduced_tail is None else reduced_tail
@@ -233,4 +237,32 @@ def mobilenet_v3_extractor(
         _check_keys(expected, plain, source, "MobileNetV3")
         classifier.load_state_dict(plain, strict=False)
         logger.info("loaded MobileNetV3 backbone weights from %s", source)
-    return _mobilenet_extractor(classifier, trainable_layers, norm_layer)
+    extractor = _mobilenet_extractor(classifier, trainable_layers, norm_layer)
+    if not small_objects:
+        return extractor
+    stride8_end = [i for i, block in enumerate(classifier.features) if getattr(block, "_is_cn", False)][-2]
+    return WithStride8(extractor, stride8_end)
+
+
+class WithStride8(nn.Module):
+    """An SSDLite MobileNet extractor that also returns the stride-8 feature map, first.
+
+    The stride-16 stage of torchvision's extractor (``features[0]``) starts with the backbone blocks up to the
+    stride-16 one; its prefix ``features[0][:split]`` ends at stride 8. Parameters and state_dict keys are the
+    wrapped extractor's, so ImageNet weights load as before.
+    """
+
+    def __init__(self, extractor: nn.Module, split: int):
+        super().__init__()
+        self.features = extractor.features
+        self.extra = extractor.extra
+        self.split = split
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        first = self.features[0]
+        output = [first[: self.split](x)]
+        output.append(first[self.split :](output[-1]))
+        output.append(self.features[1](output[-1]))
+        for block in self.extra:
+            output.append(block(output[-1]))
+        return OrderedDict((str(i), v) for i, v in enumerate(output))

@@ -11,7 +11,7 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.ssd import SSDHead
 from torchvision.models.detection.ssdlite import SSDLiteHead
 
-from almdn_ray.model.anchors import ssd300_default_boxes, ssdlite_default_boxes
+from almdn_ray.model.anchors import check_scales, ssd300_default_boxes, ssdlite_default_boxes
 from almdn_ray.model.backbones import INPUT_NORMS, mobilenet_v3_extractor, vgg16_extractor
 from almdn_ray.model.gmm_head import MixtureHead, MixtureOutputs
 
@@ -97,7 +97,16 @@ class PlainSSD(_SSDBase):
 
 
 def _parts(
-    preset: str, *, anchor_set: str, backbone_weights, image_size, width_mult: float, input_norm=None, pretrained=None
+    preset: str,
+    *,
+    anchor_set: str,
+    backbone_weights,
+    image_size,
+    width_mult: float,
+    input_norm=None,
+    pretrained=None,
+    anchor_scales=None,
+    small_objects: bool = False,
 ):
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -109,12 +118,16 @@ def _parts(
     if spec.backbone == "vgg16":
         if size != 300:
             raise ValueError(f"ssd300_vgg16 takes 300x300 inputs (its default boxes assume it), got image_size={size}")
+        if small_objects:
+            raise ValueError("model.small_objects is for the small preset; ssd300_vgg16 already has a stride-8 level")
         backbone = vgg16_extractor(weights=backbone_weights, input_norm=norm)
-        anchor_generator = ssd300_default_boxes(anchor_set)
+        anchor_generator = ssd300_default_boxes(anchor_set, anchor_scales)
     else:
         full = backbone_weights is not None if pretrained is None else pretrained
-        backbone = mobilenet_v3_extractor(weights=backbone_weights, width_mult=width_mult, reduced_tail=not full)
-        anchor_generator = ssdlite_default_boxes()
+        backbone = mobilenet_v3_extractor(
+            weights=backbone_weights, width_mult=width_mult, reduced_tail=not full, small_objects=small_objects
+        )
+        anchor_generator = ssdlite_default_boxes(7 if small_objects else 6, anchor_scales)
     with torch.no_grad():
         was_training = backbone.training
         backbone.eval()
@@ -143,6 +156,8 @@ def build_ssdgmm(
     dropout: float = 0.0,
     input_norm: str | None = None,
     pretrained: bool | None = None,
+    anchor_scales: list[float] | None = None,
+    small_objects: bool = False,
 ) -> SSDGMM:
     """Build an SSD-GMM from a preset.
 
@@ -159,6 +174,11 @@ def build_ssdgmm(
         input_norm: input scaling (``caffe``, ``imagenet``, ``half``); None: the preset's.
         pretrained: the architecture of a backbone made for ImageNet weights (the small preset's full tail)
             even when ``backbone_weights`` is not loaded now; None: whether it is given.
+        anchor_scales: default-box sides per feature level relative to the input (levels + 1 values); None:
+            the preset's (``anchor_set`` for SSD300; 0.2 … 0.95 for the small preset, 0.1 first with
+            ``small_objects``).
+        small_objects: the small preset also predicts from its stride-8 feature map (7 levels), whose default
+            boxes cover objects below a fifth of the input.
     """
     spec, base, in_channels, num_anchors = _parts(
         preset,
@@ -168,6 +188,8 @@ def build_ssdgmm(
         width_mult=width_mult,
         input_norm=input_norm,
         pretrained=pretrained,
+        anchor_scales=anchor_scales,
+        small_objects=small_objects,
     )
     head = MixtureHead(
         in_channels=in_channels,
@@ -188,10 +210,18 @@ def build_plain_ssd(
     backbone_weights: str | Path | None = None,
     image_size: int | None = None,
     width_mult: float = 1.0,
+    anchor_scales: list[float] | None = None,
+    small_objects: bool = False,
 ) -> PlainSSD:
     """The same preset with torchvision's plain SSD (or SSDLite) head."""
     spec, base, in_channels, num_anchors = _parts(
-        preset, anchor_set=anchor_set, backbone_weights=backbone_weights, image_size=image_size, width_mult=width_mult
+        preset,
+        anchor_set=anchor_set,
+        backbone_weights=backbone_weights,
+        image_size=image_size,
+        width_mult=width_mult,
+        anchor_scales=anchor_scales,
+        small_objects=small_objects,
     )
     if spec.separable_head:
         from functools import partial
@@ -215,6 +245,8 @@ class ModelSpec:
     width_mult: float = 1.0
     dropout: float = 0.0  # on the head's inputs; > 0 for the mc_dropout strategy
     input_norm: str | None = None  # caffe | imagenet | half; None: the preset's (caffe for VGG16, half for SSDLite)
+    anchor_scales: list[float] | None = None  # default-box side per level / input side (levels + 1); None: preset's
+    small_objects: bool = False  # small preset: add the stride-8 level (7 levels) for objects < 0.2 of the input
 
     def __post_init__(self):
         if self.preset not in PRESETS:
@@ -227,6 +259,11 @@ class ModelSpec:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.input_norm is not None and self.input_norm not in INPUT_NORMS:
             raise ValueError(f"model.input_norm: unknown {self.input_norm!r}; choose one of {sorted(INPUT_NORMS)}")
+        if self.small_objects and PRESETS[self.preset].backbone != "mobilenet_v3":
+            raise ValueError("model.small_objects is for the small preset; ssd300_vgg16 already has a stride-8 level")
+        if self.anchor_scales is not None:
+            object.__setattr__(self, "anchor_scales", [float(s) for s in self.anchor_scales])
+            check_scales(self.anchor_scales, 7 if self.small_objects else 6)
 
     @property
     def input_size(self) -> int:
@@ -252,4 +289,6 @@ class ModelSpec:
             image_size=self.image_size,
             width_mult=self.width_mult,
             dropout=self.dropout,
+            anchor_scales=self.anchor_scales,
+            small_objects=self.small_objects,
         )

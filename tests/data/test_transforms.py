@@ -74,3 +74,36 @@ def test_dataset_reads_images_and_drops_difficult_boxes(tmp_path):
     wrong = ImageRecord("a", str(tmp_path / "a.png"), 81, 40, record.boxes, record.labels, record.difficult)
     with pytest.raises(ValueError, match="a.png: image is 80x40 but its annotation says 81x40"):
         DetectionDataset([wrong], eval_transform(20))[0]
+
+
+def test_batch_jitter_moves_boxes_with_the_content_and_repeats_under_a_seed():
+    from almdn_ray.data.transforms import batch_jitter
+
+    images = torch.zeros(6, 3, 96, 96)
+    images[:, :, 30:60, 20:44] = 1.0  # one white square per image (white stays white under channel swaps)
+    targets = [{"boxes": torch.tensor([[20.0, 30.0, 44.0, 60.0]]), "labels": torch.tensor([2])} for _ in range(6)]
+    torch.manual_seed(3)
+    out, moved = batch_jitter(images, targets, 0.2)
+    torch.manual_seed(3)
+    again, moved_again = batch_jitter(images, targets, 0.2)
+    torch.testing.assert_close(out, again)
+    shifts = set()
+    for image, target, repeat in zip(out, moved, moved_again):
+        torch.testing.assert_close(target["boxes"], repeat["boxes"])
+        bright = image.mean(0) > image.mean(0).max() * 0.5
+        ys, xs = torch.nonzero(bright, as_tuple=True)
+        drawn = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+        torch.testing.assert_close(target["boxes"][0], drawn, atol=1.6, rtol=0)
+        shifts.add(tuple(target["boxes"][0].round().tolist()))
+    assert len(shifts) > 1  # the images moved differently
+    unchanged, same = batch_jitter(images, targets, 0.0)
+    assert unchanged is images and same is targets
+    # A box pushed mostly out of the image is dropped, with its label.
+    edge = [{"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1])}]
+    dropped = 0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        _, result = batch_jitter(torch.rand(1, 3, 96, 96), edge, 0.4)
+        assert result[0]["boxes"].shape[0] == result[0]["labels"].shape[0]
+        dropped += result[0]["boxes"].shape[0] == 0
+    assert dropped > 0

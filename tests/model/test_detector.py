@@ -101,3 +101,47 @@ def test_reduced_fc_vgg_file_maps_onto_the_extractor(tmp_path):
     torch.save(state, path)
     with pytest.raises(BackboneWeightsError, match=r"missing keys \['extra.0.7.3.bias'\]"):
         build_ssdgmm("ssd300_vgg16", num_classes=3, backbone_weights=path)
+
+
+def test_small_object_setting_adds_the_stride_8_level_with_its_small_boxes(tmp_path):
+    plain = build_ssdgmm("ssdlite320_mobilenet_v3", num_classes=3, image_size=128).eval()
+    small = build_ssdgmm("ssdlite320_mobilenet_v3", num_classes=3, image_size=128, small_objects=True).eval()
+    images = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        maps = list(small.backbone(images).values())
+        out = small(images)
+        plain_maps = list(plain.backbone(images).values())
+    assert [m.shape[-1] for m in maps] == [16, 8, 4, 2, 1, 1, 1]  # stride 8 first, then SSDLite's six
+    assert [m.shape[-1] for m in plain_maps] == [8, 4, 2, 1, 1, 1]
+    assert out.anchors.shape[0] == 16 * 16 * 6 + 522
+    first = out.anchors[0]
+    assert (first[2] - first[0]).item() == pytest.approx(0.1 * 128, rel=1e-4)  # the stride-8 level's square box
+    # Same parameters and keys as the plain extractor: ImageNet weights load the same way.
+    assert small.backbone.state_dict().keys() == plain.backbone.state_dict().keys()
+    reference = mobilenet_v3_large(weights=None)
+    path = tmp_path / "mobilenet_v3_large.pth"
+    torch.save(reference.state_dict(), path)
+    loaded = build_ssdgmm("ssdlite320_mobilenet_v3", num_classes=3, backbone_weights=path, small_objects=True)
+    torch.testing.assert_close(loaded.backbone.features[0][0][0].weight, reference.features[0][0].weight)
+
+
+def test_anchor_scales_are_configurable_and_checked():
+    from almdn_ray.model import ModelSpec
+
+    scales = [0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 0.9]
+    model = ModelSpec(num_classes=3, image_size=128, anchor_scales=scales).build().eval()
+    with torch.no_grad():
+        anchors = model(torch.rand(1, 3, 128, 128)).anchors
+    assert (anchors[0, 2] - anchors[0, 0]).item() == pytest.approx(0.05 * 128, rel=1e-4)
+    vgg = build_ssdgmm("ssd300_vgg16", num_classes=3, anchor_scales=[0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0]).eval()
+    with torch.no_grad():
+        first = vgg(torch.rand(1, 3, 300, 300)).anchors[0]
+    assert (first[2] - first[0]).item() == pytest.approx(0.05 * 300, rel=1e-4)
+    with pytest.raises(ValueError, match="6 feature levels, so give 7"):
+        ModelSpec(num_classes=3, anchor_scales=[0.1, 0.2])
+    with pytest.raises(ValueError, match="7 feature levels, so give 8"):
+        ModelSpec(num_classes=3, small_objects=True, anchor_scales=scales)
+    with pytest.raises(ValueError, match="increase"):
+        ModelSpec(num_classes=3, anchor_scales=list(reversed(scales)))
+    with pytest.raises(ValueError, match="small preset"):
+        ModelSpec(preset="ssd300_vgg16", num_classes=3, small_objects=True)
