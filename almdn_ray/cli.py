@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -42,6 +43,31 @@ def main(
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+
+
+def _verbose() -> bool:
+    return logging.getLogger().getEffectiveLevel() <= logging.INFO
+
+
+def _run_log_file(job) -> logging.FileHandler:
+    """A log file for this invocation: ``RUN/logs/driver.log`` for a local run folder, else
+    ``./almdn-ray-logs/<name>.log``. The root logger writes INFO there (the terminal keeps WARNING and up)."""
+    uri = job.storage.uri
+    if uri.startswith("s3://"):
+        path = Path("almdn-ray-logs") / f"{job.name}.log"
+    else:
+        path = Path(uri.removeprefix("file://")) / "logs" / "driver.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    for console in root.handlers:
+        if getattr(console, "stream", None) in (sys.stdout, sys.stderr):  # the terminal, not pytest's capture
+            console.setLevel(max(console.level, logging.WARNING))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    return handler
 
 
 def _fail(message: str) -> typer.Exit:
@@ -277,7 +303,13 @@ def run(
     job = _load(job_file)
     try:
         from almdn_ray.distributed.placement import PlacementError
-        from almdn_ray.distributed.stages import ray_stage_functions
+        from almdn_ray.distributed.stages import log_ray_to, ray_stage_functions
+
+        log_file = None
+        if not _verbose():
+            log_file = _run_log_file(job)
+            log_ray_to(log_file)
+            typer.echo(f"[almdn-ray] run {job.storage.uri}; Ray's and the stages' logs: {log_file.baseFilename}")
 
         driver = Driver(
             job,
@@ -296,6 +328,11 @@ def run(
         ValueError,
     ) as error:
         raise _fail(str(error)) from error
+    finally:
+        if log_file is not None:
+            log_ray_to(None)
+            logging.getLogger().removeHandler(log_file)
+            log_file.close()
     if state.status == "finished":
         paths = write_report(job.storage.uri)
         typer.echo(f"finished: report at {paths['markdown']}")

@@ -21,6 +21,36 @@ logger = logging.getLogger(__name__)
 __all__ = ["connect", "ray_stage_functions"]
 
 
+_LOG_FILE: logging.Handler | None = None
+# Ray's own loggers that write to the terminal (Ray Data's INFO blocks, Ray Train's status, the token
+# authentication warning of a local ray.init).
+RAY_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "ray.serve")
+
+
+def log_ray_to(handler: logging.Handler | None) -> None:
+    """Send Ray's driver-side logs to ``handler`` (a file in the run) instead of the terminal, from now on and
+    when Ray Data reconfigures its logger; None detaches the previous handler."""
+    global _LOG_FILE
+    if _LOG_FILE is not None and handler is None:
+        for name in RAY_LOGGERS:
+            logging.getLogger(name).removeHandler(_LOG_FILE)
+    _LOG_FILE = handler
+    _route_ray_logs()
+
+
+def _route_ray_logs() -> None:
+    if _LOG_FILE is None:
+        return
+    for name in RAY_LOGGERS:
+        ray_logger = logging.getLogger(name)
+        for existing in list(ray_logger.handlers):
+            if isinstance(existing, logging.StreamHandler) and not isinstance(existing, logging.FileHandler):
+                ray_logger.removeHandler(existing)
+        if _LOG_FILE not in ray_logger.handlers:
+            ray_logger.addHandler(_LOG_FILE)
+        ray_logger.propagate = False
+
+
 def connect(job: JobSpec) -> None:
     """Attach to the cluster in ``RAY_ADDRESS`` (inside a Ray Job, or a cluster you started), else start a
     local Ray.
@@ -33,12 +63,14 @@ def connect(job: JobSpec) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    _route_ray_logs()
     ray.init(
         address=address or "local",  # never attach to a cluster `ray start` recorded on this machine
         logging_level="WARNING",
         log_to_driver=False,
     )
     ray.data.DataContext.get_current().enable_progress_bars = bool(os.environ.get("ALMDN_RAY_PROGRESS", "1") == "1")
+    _route_ray_logs()  # ray.init may have (re)configured them
     logger.info("Ray: %s", address or "local")
 
 
