@@ -24,6 +24,7 @@ __all__ = [
     "PoolStatistics",
     "Selection",
     "fill_unscored",
+    "is_scored",
     "almdn_scores",
     "summarize",
     "detection_values",
@@ -311,6 +312,12 @@ def select_rows(
     return rows, scores[rows]
 
 
+def is_scored(scores: np.ndarray) -> np.ndarray:
+    """Which scores a strategy gave (not ``-inf`` or NaN, the marks of an image without a scored detection)."""
+    scores = np.asarray(scores, np.float64)
+    return ~(np.isnan(scores) | np.isneginf(scores))
+
+
 def fill_unscored(top: np.ndarray, scores: np.ndarray, seed: int) -> np.ndarray:
     """Replace the picks that no score chose (``-inf`` or NaN: images without a scored detection) by a
     seeded random draw among all such images, instead of the lowest ids.
@@ -320,11 +327,11 @@ def fill_unscored(top: np.ndarray, scores: np.ndarray, seed: int) -> np.ndarray:
         scores: in the reduce's canonical (image id) order, so the draw does not depend on the shards.
         seed: the selection's seed (the draw uses its own stream of it).
     """
-    scored = np.isfinite(scores[top]) | (scores[top] == np.inf)
+    scored = is_scored(scores[top])
     missing = int((~scored).sum())
     if missing == 0:
         return top
-    unscored = np.flatnonzero(~(np.isfinite(scores) | (scores == np.inf)))
+    unscored = np.flatnonzero(~is_scored(scores))
     drawn = np.random.default_rng([seed, 0xF111]).permutation(unscored.shape[0])[:missing]
     return np.concatenate([top[scored], np.sort(unscored[drawn])]).astype(np.int64)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import io
 import logging
 
-import numpy as np
 import yaml
 
 from almdn_ray import storage
+from almdn_ray.acquisition import is_scored
 from almdn_ray.layout import RunLayout
 from almdn_ray.state import load_state
 
@@ -39,7 +39,7 @@ def run_status(run: str) -> dict:
             picked = storage.read_parquet(layout.cycle(k, "selected.parquet"), columns=["score"]).column("score")
             scores = picked.to_numpy(zero_copy_only=False)
             entry["selected"] = len(scores)
-            entry["unscored_picks"] = int((~(np.isfinite(scores) | (scores == np.inf))).sum())
+            entry["unscored_picks"] = int((~is_scored(scores)).sum())
         unreadable = {}
         if storage.exists(layout.cycle(k, "train-unreadable.json")):
             unreadable["train"] = len(storage.read_json(layout.cycle(k, "train-unreadable.json")))
