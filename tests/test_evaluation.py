@@ -110,9 +110,9 @@ def test_training_on_demo_data_lifts_voc_map_well_above_the_untrained_model(demo
 def check_bf16_selects_what_float32_selects(model, pool, budget=20):
     """The demo model scored under bf16 autocast (as on CUDA) and in float32: the same AL-MDN selection.
 
-    Tolerance (documented in README): at most a tenth of the budget may swap, and only images whose float32
-    scores lie within 0.1 (z-score units, i.e. a tenth of the pool's std of a term) of the budget's cut-off:
-    ties up to bf16's ~3 significant digits.
+    Tolerance (documented in README): at most a tenth of the budget may swap, and only across the cut-off: each
+    image bf16 drops or adds lies within a fifth of the budget of the cut-off in the float32 ranking (ties at
+    bf16's ~3 significant digits reorder neighbours; they never bring in an image from far down the ranking).
     """
     from almdn_ray.data.manifest import rows_from_dataset
     from almdn_ray.reduce import select_from_scores
@@ -122,12 +122,13 @@ def check_bf16_selects_what_float32_selects(model, pool, budget=20):
     fp32 = score_table(model, manifest, batch_size=16)
     bf16 = score_table(model, manifest, batch_size=16, bf16=True)
     assert fp32.column("n_det").to_pylist() != [0] * fp32.num_rows  # the model detects: the check has teeth
-    full = select_from_scores(fp32, fp32.num_rows)
-    z = dict(zip(full.image_ids.tolist(), full.scores.tolist()))
-    cut = full.scores[budget - 1]
+    rank = {image: r for r, image in enumerate(select_from_scores(fp32, fp32.num_rows).image_ids.tolist())}
     a = set(select_from_scores(fp32, budget).image_ids.tolist())
     b = set(select_from_scores(bf16, budget).image_ids.tolist())
-    gaps = [abs(z[i] - cut) for i in a ^ b]
-    log.info("bf16 vs float32 selection of %d: %d in common; swapped at %s of the cut-off", budget, len(a & b), gaps)
+    slack = max(1, budget // 5)
+    log.info(
+        "bf16 vs float32 selection of %d: %d in common; float32 ranks of the swapped images %s",
+        budget, len(a & b), sorted(rank[i] for i in a ^ b),
+    )  # fmt: skip
     assert len(a & b) >= 0.9 * budget
-    assert all(gap <= 0.1 for gap in gaps), (cut, sorted((i, z[i]) for i in a ^ b))
+    assert all(budget - slack <= rank[i] < budget + slack for i in a ^ b), sorted((rank[i], i) for i in a ^ b)
