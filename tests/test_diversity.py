@@ -1,0 +1,83 @@
+import numpy as np
+import pytest
+
+from almdn_ray.acquisition import select_top
+from almdn_ray.diversity import class_histogram, diverse_subset, duplicate_groups
+
+
+def copied_pool(distinct=40, copies=5, dims=64, noise=1e-3, seed=0):
+    """``distinct`` random images, each present ``copies`` times with tiny noise; copies score almost alike."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(distinct, dims))
+    features = np.repeat(base, copies, axis=0) + noise * rng.normal(size=(distinct * copies, dims))
+    scores = np.repeat(rng.uniform(size=distinct), copies) + 1e-4 * rng.uniform(size=distinct * copies)
+    return features, scores, np.repeat(np.arange(distinct), copies)
+
+
+def test_top_k_takes_copies_and_the_diverse_batch_none():
+    features, scores, source = copied_pool()
+    top = select_top(scores, 10)
+    assert len(set(source[top])) <= 2  # ten picks from two images: the redundancy this step removes
+    result = diverse_subset(features, scores, 10, min_distance=0.1)
+    assert len(result.picked) == 10 and len(set(source[result.picked])) == 10
+    assert result.picked[0] == top[0]  # it starts from the most uncertain image
+    assert result.dropped_duplicates >= 4 * 10  # the picks' own copies were left out
+
+
+def test_near_copies_of_labelled_images_are_not_picked():
+    features, scores, source = copied_pool()
+    best = source[select_top(scores, 1)[0]]
+    labelled = features[source == best][:1] + 1e-3
+    result = diverse_subset(features, scores, 10, min_distance=0.1, labelled=labelled)
+    assert best not in set(source[result.picked])
+    assert len(set(source[result.picked])) == 10
+
+
+def test_without_min_distance_the_score_weight_still_spreads_the_batch():
+    features, scores, source = copied_pool()
+    spread = diverse_subset(features, scores, 10)  # a copy is at distance ~0: k-center never takes it second
+    assert len(set(source[spread.picked])) == 10
+    assert spread.dropped_duplicates == 0
+
+
+def test_the_budget_shrinks_when_only_duplicates_are_left(caplog):
+    features, scores, source = copied_pool(distinct=3)
+    result = diverse_subset(features, scores, 5, min_distance=0.1)
+    assert sorted(source[result.picked]) == [0, 1, 2]
+    assert "raise selection.beta" in caplog.text
+
+
+def test_a_uniform_class_target_moves_a_five_to_one_batch_towards_even():
+    rng = np.random.default_rng(3)
+    classes = np.array([1] * 500 + [2] * 100)  # the model predicts class 1 five times as often
+    features = rng.normal(size=(600, 32))
+    scores = rng.uniform(size=600)
+    plain = class_histogram(classes[diverse_subset(features, scores, 60, classes=classes).picked])
+    balanced = diverse_subset(features, scores, 60, classes=classes, target={1: 1, 2: 1})
+    lean = class_histogram(classes[balanced.picked])
+    assert balanced.class_counts == lean and sum(lean.values()) == 60
+    assert plain.get(2, 0) <= 20  # about one in six without a target
+    assert lean[2] >= 25 and abs(lean[1] - lean[2]) < abs(plain[1] - plain.get(2, 0))
+
+
+def test_a_target_share_is_followed_not_just_equalised():
+    rng = np.random.default_rng(4)
+    classes = np.array([1] * 300 + [2] * 300)
+    features, scores = rng.normal(size=(600, 16)), rng.uniform(size=600)
+    lean = class_histogram(classes[diverse_subset(features, scores, 40, classes=classes, target={1: 3, 2: 1}).picked])
+    assert 27 <= lean[1] <= 33  # 3:1 of 40 is 30:10
+
+
+def test_duplicate_groups_are_the_copies():
+    features, _, source = copied_pool(distinct=12, copies=3)
+    singles = np.random.default_rng(9).normal(size=(5, 64))
+    groups = duplicate_groups(np.vstack([features, singles]), 0.1, block=7)
+    assert len(groups) == 12
+    assert all(g.shape[0] == 3 and len(set(source[g])) == 1 for g in groups)
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(ValueError, match="one value per candidate"):
+        diverse_subset(np.zeros((3, 2)), np.zeros(2), 1)
+    with pytest.raises(ValueError, match="needs each candidate's predicted class"):
+        diverse_subset(np.ones((3, 2)), np.zeros(3), 1, target={1: 1})
