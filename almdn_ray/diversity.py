@@ -96,6 +96,7 @@ def diverse_subset(
     low = scores[finite].min() if finite.any() else 0.0
     span = (scores[finite].max() - low) if finite.any() else 0.0
     weight = np.where(finite, (scores - low) / span if span > 0 else 1.0, 0.0)
+    weight[np.isposinf(scores)] = 1.0  # +inf ranks first (as in select_top); -inf and NaN: unscored, lowest weight
     weight = (0.05 + 0.95 * weight) ** score_power  # (0, 1]: the least uncertain candidate can still be picked
     nearest = np.full(count, np.inf, np.float32)
     if labelled is not None and len(labelled):
