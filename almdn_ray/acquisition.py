@@ -20,6 +20,7 @@ __all__ = [
     "TERMS",
     "COMMITTEE_TERMS",
     "COMMITTEE_STRATEGIES",
+    "DIVERSE_STRATEGIES",
     "STRATEGIES",
     "PoolStatistics",
     "Selection",
@@ -39,6 +40,7 @@ __all__ = [
 TERMS = ("loc_al", "loc_ep", "cls_al", "cls_ep")
 COMMITTEE_TERMS = ("cls_mi", "loc_var")  # disagreement of MC-dropout passes / ensemble members per detection
 COMMITTEE_STRATEGIES = ("mc_dropout", "ensemble")  # strategies that score with several predictions per image
+DIVERSE_STRATEGIES = ("almdn_diverse",)  # AL-MDN's score, then a diverse batch on embeddings (almdn_ray.reduce)
 Summaries = Mapping[str, np.ndarray]
 
 
@@ -223,6 +225,7 @@ def _random(summaries: Summaries, stats: PoolStatistics, rng: np.random.Generato
 
 STRATEGIES: dict[str, Callable[..., np.ndarray]] = {
     "almdn": _term_strategy(TERMS),
+    "almdn_diverse": _term_strategy(TERMS),  # its batch is composed in almdn_ray.reduce from these scores
     "random": _random,
     "entropy": _entropy,
     **{term: _term_strategy([term]) for term in TERMS},
@@ -241,7 +244,7 @@ def strategy_columns(strategy: str) -> list[str]:
         return ["n_det", "entropy_max"]
     if strategy == "random":
         return ["n_det"]
-    terms = TERMS if strategy == "almdn" else (strategy,)
+    terms = TERMS if strategy in ("almdn", *DIVERSE_STRATEGIES) else (strategy,)
     return ["n_det"] + [f"{t}_{s}" for t in terms for s in ("max", "sum", "sumsq")]
 
 
@@ -291,11 +294,15 @@ def select_top(scores: np.ndarray, budget: int) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Selection:
-    """Selected images, best first: ``image_ids``, their ``scores`` and ``ranks`` (0 = best)."""
+    """Selected images, best first: ``image_ids``, their ``scores`` and ``ranks`` (0 = best); when known,
+    each pick's predicted ``classes`` (its most confident detection's; -1: none) and how many near-duplicates
+    a diverse selection left out (``dropped_duplicates``)."""
 
     image_ids: np.ndarray
     scores: np.ndarray
     ranks: np.ndarray
+    classes: np.ndarray | None = None
+    dropped_duplicates: int = 0
 
 
 def select_rows(

@@ -19,7 +19,10 @@ app = typer.Typer(
     add_completion=False,
 )
 data_app = typer.Typer(help="Check datasets and build the demo dataset.", no_args_is_help=True)
-pool_app = typer.Typer(help="Build the pool's Parquet manifest; add images to a run's pool.", no_args_is_help=True)
+pool_app = typer.Typer(
+    help="Build the pool's Parquet manifest; add images to a run's pool; list its near-duplicates.",
+    no_args_is_help=True,
+)
 labels_app = typer.Typer(help="Human labelling: export the selection, import the labels.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(pool_app, name="pool")
@@ -274,6 +277,46 @@ def pool_add(
     except (PoolAddError, LeaseError, DatasetError, FileNotFoundError, ValueError, OSError) as error:
         raise _fail(str(error)) from error
     typer.echo(f"added {added['rows']} images to the pool (now {added['pool']}); the next SCORE stage scores them")
+
+
+@pool_app.command("duplicates")
+def pool_duplicates(
+    run_uri: str = typer.Argument(..., help="The run's storage URI."),
+    cycle: int = typer.Option(None, "--cycle", help="Whose score files to read (default: the latest scored)."),
+    max_distance: float = typer.Option(
+        0.05, "--max-distance", help="Embedding distance (unit rows: 0-2) within which two images are duplicates."
+    ),
+    out: Path = typer.Option(None, "--out", help="Also write every group to this JSON file."),
+    show: int = typer.Option(20, "--show", help="How many groups to print."),
+    endpoint: str = _ENDPOINT,
+) -> None:
+    """List groups of near-duplicate pool images (from the scoring pass's embeddings) so the pool can be cleaned."""
+    import json
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from almdn_ray.report import pool_duplicates as find
+
+    _use_endpoint(endpoint)
+    try:
+        found = find(run_uri, cycle=cycle, max_distance=max_distance)
+    except (FileNotFoundError, OSError, ValueError) as error:
+        raise _fail(str(error)) from error
+    groups = found["groups"]
+    copies = sum(len(g) - 1 for g in groups)
+    typer.echo(
+        f"cycle {found['cycle']}: {len(groups)} groups of near-duplicates among {found['images']} scored images "
+        f"(distance <= {max_distance}); keeping one per group would drop {copies} images"
+    )
+    if groups:
+        table = Table("group", "images", "image ids (first 5)", "first uri")
+        for n, group in enumerate(groups[:show]):
+            table.add_row(str(n), str(len(group)), ", ".join(r["image_id"] for r in group[:5]), str(group[0]["uri"]))
+        Console(width=160).print(table)
+    if out is not None:
+        out.write_text(json.dumps(found, indent=1))
+        typer.echo(f"groups written to {out}")
 
 
 def _load(job_file: Path):

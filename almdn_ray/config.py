@@ -73,6 +73,11 @@ class AcquisitionSpec:
     min_confidence: float = 0.5
     mc_passes: int = 10  # mc_dropout: forward passes with dropout on per image
     ensemble_size: int = 3  # ensemble: independently seeded models trained per cycle
+    embedding_dims: int = 128  # per-image and per-detection embeddings in the score files; 0 = none
+    beta: float = 4.0  # almdn_diverse: candidates = the top beta x budget by AL-MDN score
+    min_distance: float = 0.05  # almdn_diverse: no pick nearer than this to another pick or a labelled image
+    diversity_features: str = "image"  # almdn_diverse: image embeddings, or objects (mean of detections')
+    class_target: Any = None  # almdn_diverse: None, "uniform", or {class name: share} to lean the batch towards
 
     def __post_init__(self):
         if self.strategy not in acquisition.STRATEGIES:
@@ -86,6 +91,29 @@ class AcquisitionSpec:
         for name in ("initial_labeled", "budget", "cycles"):
             if getattr(self, name) < 1:
                 raise ValueError(f"acquisition.{name} must be >= 1, got {getattr(self, name)}")
+        if self.embedding_dims < 0:
+            raise ValueError(f"acquisition.embedding_dims must be >= 0 (0 = no embeddings), got {self.embedding_dims}")
+        if self.strategy in acquisition.DIVERSE_STRATEGIES and self.embedding_dims == 0:
+            raise ValueError(f"acquisition.strategy {self.strategy} selects by embeddings: set embedding_dims > 0")
+        if self.beta < 1.0:
+            raise ValueError(f"acquisition.beta must be >= 1 (candidates = beta x budget), got {self.beta}")
+        if self.min_distance < 0:
+            raise ValueError(f"acquisition.min_distance must be >= 0, got {self.min_distance}")
+        if self.diversity_features not in ("image", "objects"):
+            raise ValueError(
+                f"acquisition.diversity_features: choose image or objects, got {self.diversity_features!r}"
+            )
+        target = self.class_target
+        if not (target is None or target == "uniform" or isinstance(target, dict)):
+            raise ValueError(
+                f"acquisition.class_target: give uniform or a mapping of class name to share, got {target!r}"
+            )
+        if isinstance(target, dict) and (
+            not target
+            or any(not isinstance(v, int | float) or isinstance(v, bool) or v < 0 for v in target.values())
+            or sum(target.values()) <= 0
+        ):
+            raise ValueError(f"acquisition.class_target: shares must be numbers >= 0, not all 0; got {target}")
         self.postprocess()
 
     def postprocess(self) -> PostprocessConfig:

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from almdn_ray import reduce, storage
+from almdn_ray import acquisition, reduce, storage
 from almdn_ray.config import JobSpec, SpecError, diff_specs, spec_from_dict, spec_to_dict
 from almdn_ray.data.manifest import read_manifest, read_marker, write_manifest_table
 from almdn_ray.data.pool import Pool, load_pool
@@ -343,7 +343,10 @@ class Driver:
             return True
         manifest = self.layout.cycle(k, "unlabeled")
         storage.delete(manifest)
-        write_manifest_table(unlabeled, manifest, rows_per_shard=SCORE_ROWS_PER_SHARD)
+        # almdn_diverse also scores the labelled images: their embeddings keep new picks away from them
+        # (the reduce leaves them out of the pool statistics and the selection)
+        diverse = self.job.acquisition.strategy in acquisition.DIVERSE_STRATEGIES
+        write_manifest_table(pool if diverse else unlabeled, manifest, rows_per_shard=SCORE_ROWS_PER_SHARD)
         models = [storage.join(folder, "model.pt") for folder in self.member_dirs(k)]
         extra = {"member_uris": models[1:]} if len(models) > 1 else {}
         self.functions.score(manifest, models[0], self.layout.cycle(k, "scores"), self.spec, self.job, **extra)
@@ -361,7 +364,16 @@ class Driver:
             strategy=self.job.acquisition.strategy,
             seed=self.job.seed + k,
             exclude=labeled_ids(self.layout, k),
+            diverse=self.diversity(),
         )
+        classes = selection.classes if selection.classes is not None else np.full(len(selection.image_ids), -1)
+        histogram = {"none" if c < 0 else self.pool.classes[c - 1]: 0 for c in classes}
+        for c in classes:
+            histogram["none" if c < 0 else self.pool.classes[c - 1]] += 1
+        storage.write_json(
+            self.layout.cycle(k, "selected-classes.json"),
+            {"classes": histogram, "dropped_duplicates": selection.dropped_duplicates},
+        )  # first: selected.parquet marks the step done
         storage.write_parquet(
             out,
             pa.table(
@@ -369,11 +381,29 @@ class Driver:
                     "image_id": pa.array(selection.image_ids.tolist(), pa.string()),
                     "score": selection.scores,
                     "rank": selection.ranks,
+                    "top_class": pa.array(classes, pa.int64()),
                 }
             ),
         )
-        self.progress(f"cycle {k}: selected {len(selection.image_ids)} images")
+        shown = ", ".join(f"{name} {count}" for name, count in sorted(histogram.items(), key=lambda kv: -kv[1])[:5])
+        self.progress(f"cycle {k}: selected {len(selection.image_ids)} images (predicted classes: {shown or '-'})")
         return True
+
+    def diversity(self) -> reduce.Diversity:
+        """The job's ``almdn_diverse`` settings, the class target as label -> share (label i = classes[i - 1])."""
+        a = self.job.acquisition
+        target = a.class_target
+        if target == "uniform":
+            target = {label: 1.0 for label in range(1, len(self.pool.classes) + 1)}
+        elif isinstance(target, dict):
+            unknown = sorted(set(target) - set(self.pool.classes))
+            if unknown:
+                raise SpecError(
+                    f"acquisition.class_target names {unknown}, not classes of the pool; "
+                    f"choose among {list(self.pool.classes)}"
+                )
+            target = {self.pool.classes.index(name) + 1: float(share) for name, share in target.items()}
+        return reduce.Diversity(beta=a.beta, min_distance=a.min_distance, features=a.diversity_features, target=target)
 
     def _label(self, k: int) -> bool:
         out = self.layout.cycle(k + 1, "labeled.parquet")

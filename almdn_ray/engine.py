@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from almdn_ray.model.anchors import make_box_coder
 from almdn_ray.model.detector import SSDGMM
+from almdn_ray.model.embeddings import Embedder
 from almdn_ray.model.gmm_head import MixtureOutputs, enable_dropout
 from almdn_ray.model.loss import LossTerms, MultiboxMixtureLoss
 from almdn_ray.model.postprocess import CommitteeDetections, Detections, PostprocessConfig, committee, postprocess
@@ -26,6 +27,7 @@ __all__ = [
     "train_step",
     "recalibrate_batch_norm",
     "predict",
+    "predict_embedded",
     "predict_committee",
 ]
 
@@ -53,14 +55,15 @@ def prepare_for_device(model: nn.Module, device: torch.device | str) -> nn.Modul
     return model
 
 
-def forward(model: nn.Module, images: Tensor, *, bf16: bool = False) -> MixtureOutputs:
+def forward(model: nn.Module, images: Tensor, *, bf16: bool = False, with_features: bool = False):
     """The model's raw outputs, under bf16 autocast when ``bf16``; the mixture statistics, losses and
-    post-processing always run on float32 outputs."""
+    post-processing always run on float32 outputs. ``with_features``: ``(outputs, feature maps)``."""
     if images.is_cuda:
         images = images.contiguous(memory_format=torch.channels_last)
     with torch.autocast(device_type=images.device.type, dtype=torch.bfloat16, enabled=bf16):
-        outputs = model(images)
-    return MixtureOutputs(*(t.float() for t in outputs)) if bf16 else outputs
+        outputs, features = model.forward_with_features(images) if with_features else (model(images), None)
+    outputs = MixtureOutputs(*(t.float() for t in outputs)) if bf16 else outputs
+    return (outputs, features) if with_features else outputs
 
 
 def train_step(
@@ -146,17 +149,48 @@ def predict(
         variances: the box encoding the model was trained with (``LossConfig.variances``).
         bf16: the forward pass under bf16 autocast (post-processing stays float32).
     """
+    return _predict(model, images, config, batch_size, device, variances, bf16, None)[0]
+
+
+@torch.no_grad()
+def predict_embedded(
+    model: SSDGMM,
+    images: Tensor,
+    embedder: Embedder,
+    *,
+    config: PostprocessConfig = PostprocessConfig(),
+    batch_size: int = 8,
+    variances: tuple[float, float] = (0.1, 0.2),
+    bf16: bool = False,
+) -> tuple[list[Detections], Tensor, list[Tensor]]:
+    """As :func:`predict`, plus from the same pass each image's embedding ``[N, dims]`` and each detection's
+    (``[D_i, dims]`` per image, in the detections' order), on the CPU."""
+    return _predict(model, images, config, batch_size, None, variances, bf16, embedder)
+
+
+def _predict(model, images, config, batch_size, device, variances, bf16, embedder):
     device = torch.device(device) if device is not None else next(model.parameters()).device
     box_coder = make_box_coder(variances)
     batches = images.split(batch_size) if isinstance(images, Tensor) else images
     model.eval()
     results: list[Detections] = []
+    image_rows: list[Tensor] = []
+    object_rows: list[Tensor] = []
     for batch in batches:
         batch = batch.to(device, non_blocking=True)
-        outputs = forward(model, batch, bf16=bf16)
+        if embedder is None:
+            outputs = forward(model, batch, bf16=bf16)
+        else:
+            outputs, features = forward(model, batch, bf16=bf16, with_features=True)
         detections = postprocess(outputs, box_coder=box_coder, image_size=tuple(batch.shape[-2:]), config=config)
+        if embedder is not None:
+            image_rows.append(embedder.images(features).cpu())
+            object_rows.extend(embedder.objects(features, [d.boxes for d in detections], batch.shape[-1]))
         results.extend(Detections(*(t.cpu() for t in d)) for d in detections)
-    return results
+    if embedder is None:
+        return results, None, []
+    dims = embedder.dims
+    return results, torch.cat(image_rows) if image_rows else torch.zeros(0, dims), object_rows
 
 
 @torch.no_grad()

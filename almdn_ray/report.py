@@ -5,16 +5,17 @@ from __future__ import annotations
 import io
 import logging
 
+import pyarrow.compute as pc
 import yaml
 
-from almdn_ray import storage
+from almdn_ray import diversity, reduce, storage
 from almdn_ray.acquisition import is_scored
 from almdn_ray.layout import RunLayout
 from almdn_ray.state import load_state
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_status", "write_report"]
+__all__ = ["run_status", "write_report", "pool_duplicates"]
 
 
 def run_status(run: str) -> dict:
@@ -40,6 +41,10 @@ def run_status(run: str) -> dict:
             scores = picked.to_numpy(zero_copy_only=False)
             entry["selected"] = len(scores)
             entry["unscored_picks"] = int((~is_scored(scores)).sum())
+        if storage.exists(layout.cycle(k, "selected-classes.json")):
+            picked_classes = storage.read_json(layout.cycle(k, "selected-classes.json"))
+            entry["selected_classes"] = picked_classes["classes"]
+            entry["dropped_duplicates"] = picked_classes["dropped_duplicates"]
         unreadable = {}
         if storage.exists(layout.cycle(k, "train-unreadable.json")):
             unreadable["train"] = len(storage.read_json(layout.cycle(k, "train-unreadable.json")))
@@ -160,6 +165,46 @@ def _uncertain_pictures(run: str, layout: RunLayout, count: int) -> list[tuple[s
     return pictures
 
 
+def pool_duplicates(run: str, *, cycle: int | None = None, max_distance: float = 0.05) -> dict:
+    """Groups of near-duplicate pool images, from the image embeddings of a cycle's score files.
+
+    ``cycle`` (default: the latest scored) picks the score files; they hold the images that cycle scored (the
+    unlabelled ones, or the whole pool under ``almdn_diverse``). Exact: every pair is compared, in blocks
+    (``N^2 / 2`` dot products: a minute or so per million images on a few cores).
+
+    Returns:
+        ``{"cycle", "images", "max_distance", "groups": [[{"image_id", "uri"}, ...], ...]}``, largest group
+        first.
+    """
+    from almdn_ray.data.manifest import read_manifest
+
+    layout = RunLayout(run)
+    state = load_state(run)
+    if state is None:
+        raise FileNotFoundError(f"{run}: no run here (no state.json); check the storage URI")
+    scored = [k for k in range(state.cycle + 1) if storage.exists(layout.cycle(k, "scores", "_SUCCESS"))]
+    if not scored:
+        raise FileNotFoundError(f"{run}: no cycle has scored the pool yet; run the SCORE stage first")
+    if cycle is None:
+        cycle = scored[-1]
+    elif cycle not in scored:
+        raise FileNotFoundError(f"{run}: cycle {cycle} has no scores; scored cycles: {scored}")
+    table = reduce.read_scores(layout.cycle(cycle, "scores"))
+    table = table.filter(pc.is_valid(table.column("embedding"))).select(["image_id", "embedding"])
+    features = reduce.embedding_matrix(table.column("embedding"))
+    if table.num_rows and features.shape[1] == 0:
+        raise ValueError(f"{run}: cycle {cycle}'s score files carry no embeddings (acquisition.embedding_dims: 0)")
+    groups = diversity.duplicate_groups(features, max_distance) if table.num_rows else []
+    ids = table.column("image_id").to_numpy(zero_copy_only=False)
+    wanted = sorted({ids[i] for group in groups for i in group})
+    uris = {}
+    if wanted:
+        manifest = read_manifest(layout.pool, ids=wanted)
+        uris = dict(zip(manifest.column("image_id").to_pylist(), manifest.column("uri").to_pylist()))
+    listed = [[{"image_id": ids[i], "uri": uris.get(ids[i])} for i in group] for group in groups]
+    return {"cycle": cycle, "images": table.num_rows, "max_distance": max_distance, "groups": listed}
+
+
 def write_report(run: str, *, pictures: int = 6) -> dict[str, str]:
     """Write ``report/curve.png`` and ``report/report.md`` (and pictures of the most uncertain images)."""
     layout = RunLayout(run)
@@ -202,6 +247,23 @@ def write_report(run: str, *, pictures: int = 6) -> dict[str, str]:
             "Unscored picks: images with no detection at `acquisition.min_confidence`, which no uncertainty can "
             "rank; they fill the budget by a seeded random draw.",
         ]
+    histograms = [c for c in status["cycles"] if c.get("selected_classes")]
+    if histograms:
+        names = sorted({name for c in histograms for name in c["selected_classes"]}, key=lambda n: (n == "none", n))
+        lines += [
+            "",
+            "## Predicted classes of each selection",
+            "",
+            "Each pick counted under the class of its most confident detection (`none`: no confident detection); "
+            "near-duplicates left out: candidates `almdn_diverse` dropped for lying within `min_distance` of a "
+            "pick or a labelled image.",
+            "",
+            "| cycle | " + " | ".join(names) + " | near-duplicates left out |",
+            "|---|" + "---|" * (len(names) + 1),
+        ]
+        for c in histograms:
+            counts = " | ".join(str(c["selected_classes"].get(name, 0)) for name in names)
+            lines.append(f"| {c['cycle']} | {counts} | {c['dropped_duplicates']} |")
     try:
         drawn = _uncertain_pictures(run, layout, pictures)
     except Exception as error:  # pictures are a courtesy: a report without them is still a report

@@ -21,16 +21,17 @@ from torchvision.transforms import v2
 from almdn_ray import acquisition, engine, storage
 from almdn_ray.data.images import ImageReadError, read_image
 from almdn_ray.model.detector import SSDGMM, ModelSpec
+from almdn_ray.model.embeddings import Embedder
 from almdn_ray.model.postprocess import PostprocessConfig
 
 # The reduce side lives in almdn_ray.reduce (no torch); re-exported here for callers of the map side.
-from almdn_ray.reduce import SCORE_SCHEMA, read_scores, select_from_scores
+from almdn_ray.reduce import MAX_OBJECT_EMBEDDINGS, SCORE_SCHEMA, read_scores, select_from_scores
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "SCORE_SCHEMA", "load_model", "decode_images", "score_images", "detect_records", "score_table", "read_scores",
-    "select_from_scores",
+    "SCORE_SCHEMA", "MAX_OBJECT_EMBEDDINGS", "Embedder", "load_model", "decode_images", "score_images",
+    "detect_records", "score_table", "read_scores", "select_from_scores",
 ]  # fmt: skip
 
 
@@ -76,6 +77,7 @@ def score_images(
     members: Sequence[SSDGMM] = (),
     mc_passes: int = 0,
     bf16: bool = False,
+    embedder: Embedder | None = None,
 ) -> dict[str, np.ndarray]:
     """Summary rows (``SCORE_SCHEMA``) for a batch of pool images; unreadable ones get ``error`` and no detections.
 
@@ -87,6 +89,7 @@ def score_images(
         members: further ensemble members: the committee columns then come from ``model`` + ``members``.
         mc_passes: T > 1: the committee columns come from T passes of ``model`` with its dropout on.
         bf16: forward passes under bf16 autocast (the summary is computed in float32 / float64).
+        embedder: also write each image's embedding and its detections' (from the same forward pass).
     """
     start = time.perf_counter()
     pixels, errors = decoded if decoded is not None else decode_images(uris, model.image_size)
@@ -97,9 +100,13 @@ def score_images(
     if len(readable):
         batch = torch.from_numpy(np.ascontiguousarray(pixels[readable])).to(device, non_blocking=True)
         batch = batch.float().div_(255.0)  # as ToDtype(float32, scale=True)
-    detections = (
-        engine.predict(model, batch, config=config, batch_size=len(readable), bf16=bf16) if len(readable) else []
-    )
+    detections, embedded, objects = [], None, []
+    if len(readable) and embedder is not None:
+        detections, embedded, objects = engine.predict_embedded(
+            model, batch, embedder, config=config, batch_size=len(readable), bf16=bf16
+        )
+    elif len(readable):
+        detections = engine.predict(model, batch, config=config, batch_size=len(readable), bf16=bf16)
     index, values, entropy = acquisition.detection_values(detections)
     committee = None
     if len(readable) and (members or mc_passes > 1):
@@ -114,10 +121,23 @@ def score_images(
             ).astype(np.float64)
         committee = (readable[np.repeat(np.arange(len(voted)), counts)], c_values)
     summary = acquisition.summarize(readable[index], values, len(image_ids), entropy, committee)
+    top_class = np.full(len(image_ids), -1, np.int64)
+    image_bytes = np.full(len(image_ids), None, dtype=object)
+    object_bytes = np.full(len(image_ids), None, dtype=object)
+    for position, found in zip(readable, detections):
+        if len(found.labels):
+            top_class[position] = int(found.labels[0])  # detections are sorted by score
+    if embedded is not None:
+        for j, position in enumerate(readable):
+            image_bytes[position] = embedded[j].numpy().astype(np.float16).tobytes()
+            object_bytes[position] = objects[j][:MAX_OBJECT_EMBEDDINGS].numpy().astype(np.float16).tobytes()
     seconds = (time.perf_counter() - start) / max(len(image_ids), 1)
     return {
         "image_id": np.asarray(image_ids, dtype=object),
         **summary,
+        "top_class": top_class,
+        "embedding": image_bytes,
+        "det_embedding": object_bytes,
         "seconds": np.full(len(image_ids), seconds),
         "error": np.asarray(errors, dtype=object),
         "worker": np.full(len(image_ids), worker, dtype=object),
@@ -170,6 +190,7 @@ def score_table(
     members: Sequence[SSDGMM] = (),
     mc_passes: int = 0,
     bf16: bool = False,
+    embedder: Embedder | None = None,
 ) -> pa.Table:
     """Score a whole manifest in this process (the single-process reference and small-pool path)."""
     parts = []
@@ -183,6 +204,7 @@ def score_table(
             members=members,
             mc_passes=mc_passes,
             bf16=bf16,
+            embedder=embedder,
         )
         parts.append(pa.Table.from_pydict(rows, schema=SCORE_SCHEMA))
     return pa.concat_tables(parts) if parts else SCORE_SCHEMA.empty_table()

@@ -192,6 +192,9 @@ def bench_reduce(rows: int, budget: int = 1000) -> None:
         columns[f"{term}_sum"] = pa.array(np.nan_to_num(maxima, neginf=0.0) * n_det * 0.7)
         columns[f"{term}_sumsq"] = pa.array(np.nan_to_num(maxima, neginf=0.0) ** 2 * n_det * 0.6)
     columns["entropy_max"] = pa.array(rng.random(rows))
+    columns["top_class"] = pa.array(rng.integers(-1, 5, rows))
+    columns["embedding"] = pa.nulls(rows, pa.binary())  # almdn reads none of them
+    columns["det_embedding"] = pa.nulls(rows, pa.binary())
     columns["seconds"] = pa.array(rng.random(rows) * 0.01)
     columns["error"] = pa.nulls(rows, pa.string())
     columns["worker"] = pa.nulls(rows, pa.string())

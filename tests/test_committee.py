@@ -172,6 +172,9 @@ def test_the_reduce_reads_only_the_strategys_columns_and_selects_the_same(tmp_pa
         {
             "image_id": [f"img-{i:03d}" for i in range(images)],
             **summary,
+            "top_class": np.ones(images, np.int64),
+            "embedding": pa.nulls(images, pa.binary()),
+            "det_embedding": pa.nulls(images, pa.binary()),
             "seconds": np.full(images, 0.01),
             "error": [None] * images,
             "worker": ["w"] * images,
@@ -180,7 +183,7 @@ def test_the_reduce_reads_only_the_strategys_columns_and_selects_the_same(tmp_pa
     storage.write_parquet(str(tmp_path / "part-0.parquet"), table)
     for strategy in ("almdn", "entropy", "random", "ensemble"):
         narrow = reduce.read_scores(str(tmp_path), strategy)
-        assert narrow.column_names == ["image_id", *acquisition.strategy_columns(strategy), "error"]
+        assert narrow.column_names == ["image_id", *acquisition.strategy_columns(strategy), "top_class", "error"]
         full = reduce.read_scores(str(tmp_path))
         a = reduce.select_from_scores(narrow, 7, strategy=strategy, seed=3)
         b = reduce.select_from_scores(full, 7, strategy=strategy, seed=3)

@@ -20,7 +20,8 @@ from almdn_ray.state import load_state
 class Recorder:
     """Stage functions that record their calls; scores are a fixed function of the image id."""
 
-    def __init__(self, fail_score_once=False, fail_train=None):
+    def __init__(self, fail_score_once=False, fail_train=None, burst=None):
+        self.burst = burst  # embeddings: images 1..burst, burst+1..2*burst, ... are near-copies of one scene
         self.calls, self.train_records, self.fail_score_once = [], [], fail_score_once
         self.train_seeds, self.members, self.fail_train = [], [], fail_train
 
@@ -49,10 +50,21 @@ class Recorder:
         )
         index = np.arange(len(ids))
         rows = acquisition.summarize(index, values, len(ids), values[:, 0], committee=(index, values[:, 2:]))
+        seeds = [int(hashlib.md5(i.encode()).hexdigest()[:8], 16) for i in ids]
+        scenes = [(int(i) - 1) // self.burst if self.burst else s for i, s in zip(ids, seeds)]
+        embeddings = [
+            (np.random.default_rng(c).normal(size=16) + 1e-3 * np.random.default_rng(s).normal(size=16))
+            .astype(np.float16)
+            .tobytes()
+            for c, s in zip(scenes, seeds)
+        ]
         table = pa.table(
             {
                 "image_id": ids,
                 **rows,
+                "top_class": [1 + s % 2 for s in seeds],
+                "embedding": pa.array(embeddings, pa.binary()),
+                "det_embedding": pa.array(embeddings, pa.binary()),  # one detection per image, as its image
                 "seconds": [0.01] * len(ids),
                 "error": [None] * len(ids),
                 "worker": ["fake"] * len(ids),
@@ -190,3 +202,45 @@ def test_an_exhausted_pool_selects_nothing_more(demo, tmp_path):
     assert state.status == "finished"
     layout = RunLayout(str(tmp_path))
     assert [len(labeled_ids(layout, k)) for k in range(3)] == [36, 40, 40]
+
+
+def test_almdn_diverse_keeps_away_from_labelled_scenes_and_reports_classes(demo, tmp_path):
+    from typer.testing import CliRunner
+
+    from almdn_ray.cli import app
+    from almdn_ray.data.manifest import read_manifest
+    from almdn_ray.report import write_report
+
+    recorder = Recorder(burst=2)  # 40 images: 20 scenes of 2 near-copies
+    spec = job(demo, tmp_path, strategy="almdn_diverse", cycles=2, class_target="uniform", min_distance=0.05)
+    assert Driver(spec, recorder.functions()).run().status == "finished"
+    layout = RunLayout(str(tmp_path))
+    scene = lambda image: (int(image) - 1) // 2  # noqa: E731
+    labelled = {scene(i) for i in labeled_ids(layout, 0)}
+    picked = storage.read_parquet(layout.cycle(0, "selected.parquet")).to_pydict()
+    scenes = [scene(i) for i in picked["image_id"]]
+    assert len(set(scenes)) == len(scenes)  # no two copies of one scene
+    assert not set(scenes) & labelled  # and none of a labelled scene
+    assert len(scenes) == 5
+    # the whole pool was scored (the labelled images' embeddings are what keeps picks away from them)
+    assert read_manifest(layout.cycle(0, "unlabeled")).num_rows == 40
+    histogram = storage.read_json(layout.cycle(0, "selected-classes.json"))
+    assert sum(histogram["classes"].values()) == len(scenes) and histogram["dropped_duplicates"] > 0
+    assert set(histogram["classes"]) <= {"0", "1"} and set(picked["top_class"]) <= {1, 2}
+    report = storage.read_bytes(write_report(str(tmp_path))["markdown"]).decode()
+    assert "## Predicted classes of each selection" in report
+    assert f"| 0 | {histogram['classes'].get('0', 0)} | {histogram['classes'].get('1', 0)} |" in report
+
+    out = tmp_path / "duplicates.json"
+    result = CliRunner().invoke(app, ["pool", "duplicates", str(tmp_path), "--cycle", "0", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    groups = json.loads(out.read_text())["groups"]
+    assert sorted(sorted(scene(r["image_id"]) for r in g) for g in groups) == [[s] * 2 for s in range(20)]
+    assert all(r["uri"].endswith(".png") for g in groups for r in g)
+    assert "20 groups of near-duplicates among 40 scored images" in result.output
+
+
+def test_a_class_target_of_unknown_classes_is_refused_with_the_names(demo, tmp_path):
+    spec = job(demo, tmp_path, strategy="almdn_diverse", cycles=2, class_target={"0": 1, "cat": 2})
+    with pytest.raises(SpecError, match=r"\['cat'\].*choose among"):
+        Driver(spec, Recorder().functions()).run()

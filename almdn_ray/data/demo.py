@@ -73,6 +73,7 @@ class DemoConfig:
     imbalance: float = 1.0  # frequency of digit 0 over digit 9; classes in between fall geometrically
     max_overlap: float = 0.05  # largest IoU between two digits of an image
     test_fraction: float = 0.2  # share of the digit instances kept for the test split
+    near_duplicates: int = 0  # pool only: each scene is followed by this many copies with faint noise (bursts)
     seed: int = 0
 
     def __post_init__(self):
@@ -84,6 +85,8 @@ class DemoConfig:
             raise ValueError("small_fraction must be in [0, 1] and test_fraction in (0, 1)")
         if self.imbalance < 1.0:
             raise ValueError(f"imbalance must be >= 1 (1 = balanced), got {self.imbalance}")
+        if self.near_duplicates < 0:
+            raise ValueError(f"near_duplicates must be >= 0 (copies per pool scene), got {self.near_duplicates}")
         if max(self.digit_size) > self.image_size:
             raise ValueError(f"digit_size {self.digit_size} does not fit image_size {self.image_size}")
 
@@ -248,16 +251,29 @@ def build_demo(
             "images": [],
             "annotations": [],
         }
+        burst = 1 + config.near_duplicates if split == "pool" else 1
         for index in range(count):
-            rng = np.random.default_rng([config.seed, split_code, index])
-            split_ids = instances[split]
-            image, objects = render_image(rng, backgrounds, digits, split_ids, labels[split_ids], config)
+            scene, copy = divmod(index, burst)
+            if copy == 0:  # a new scene; copies reuse it with noise (keyed by its first image: no copies, no change)
+                rng = np.random.default_rng([config.seed, split_code, index])
+                split_ids = instances[split]
+                scene_image, objects = render_image(rng, backgrounds, digits, split_ids, labels[split_ids], config)
+            image = scene_image
+            if copy:  # +-2 grey levels of noise: the same scene to the eye, a different file
+                noise = np.random.default_rng([config.seed, split_code, index, 1]).integers(-2, 3, image.shape)
+                image = np.clip(scene_image.astype(np.int16) + noise, 0, 255).astype(np.uint8)
             name = f"images/{split}_{index:06d}.png"
             buffer = io.BytesIO()
             Image.fromarray(image).save(buffer, format="PNG", compress_level=1)
             (out / name).write_bytes(buffer.getvalue())
             coco["images"].append(
-                {"id": index + 1, "file_name": name, "width": config.image_size, "height": config.image_size}
+                {
+                    "id": index + 1,
+                    "file_name": name,
+                    "width": config.image_size,
+                    "height": config.image_size,
+                    "scene": scene,
+                }
             )
             for obj in objects:
                 x1, y1, x2, y2 = obj.box

@@ -19,6 +19,7 @@ import torch
 from almdn_ray import engine, scoring, storage
 from almdn_ray.distributed import placement
 from almdn_ray.model.detector import ModelSpec
+from almdn_ray.model.embeddings import Embedder
 from almdn_ray.model.postprocess import PostprocessConfig
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class PoolScorer:
         mc_passes: int = 0,
         mixed_precision: bool = True,
         endpoint: str | None = None,
+        embedding_dims: int = 0,
     ):
         storage.configure(endpoint=endpoint)
         torch.set_num_threads(threads)
@@ -55,6 +57,9 @@ class PoolScorer:
         self.mc_passes = mc_passes
         self.bf16 = engine.use_bf16(device, mixed_precision)
         self.config = PostprocessConfig(**postprocess)
+        self.embedder = (
+            Embedder(embedding_dims, max_objects=scoring.MAX_OBJECT_EMBEDDINGS) if embedding_dims else None
+        )  # same projection on every actor
         self.worker = f"{ray.get_runtime_context().get_node_id()[:12]}:{os.getpid()}"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -69,6 +74,7 @@ class PoolScorer:
             members=self.members,
             mc_passes=self.mc_passes,
             bf16=self.bf16,
+            embedder=self.embedder,
         )
 
 
@@ -89,12 +95,15 @@ def score_pool(
     split_decode: bool | None = None,
     mixed_precision: bool = True,
     placement_timeout_s: float = 30.0,
+    embedding_dims: int = 0,
 ) -> str:
     """Score every manifest row into Parquet files under ``out_uri`` (overwritten, so a rerun is idempotent).
 
     ``member_uris`` (further ensemble members' weights) or ``mc_passes`` (T dropout passes) add the committee
     columns that the ``ensemble`` and ``mc_dropout`` strategies select by. ``split_decode`` (default: with
-    ``use_gpu``) decodes in CPU tasks ahead of the model actors.
+    ``use_gpu``) decodes in CPU tasks ahead of the model actors. ``embedding_dims`` > 0 also writes each image's
+    and its confident detections' embeddings (from the same forward pass) for ``almdn_diverse`` and
+    ``almdn-ray pool duplicates``.
 
     Returns:
         ``out_uri``. Read it with :func:`almdn_ray.scoring.read_scores`.
@@ -132,6 +141,7 @@ def score_pool(
             "mc_passes": mc_passes,
             "mixed_precision": mixed_precision,
             "endpoint": endpoint,
+            "embedding_dims": embedding_dims,
         },
         batch_size=batch_size,
         batch_format="numpy",

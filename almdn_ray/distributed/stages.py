@@ -118,6 +118,7 @@ def _score(
         split_decode=r.split_decode,
         mixed_precision=r.mixed_precision,
         placement_timeout_s=r.placement_timeout_s,
+        embedding_dims=job.acquisition.embedding_dims,
     )
 
 

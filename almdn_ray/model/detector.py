@@ -82,6 +82,11 @@ class SSDGMM(_SSDBase):
         features, anchors = self.features(images)
         return self.head(features, anchors)
 
+    def forward_with_features(self, images: Tensor) -> tuple[MixtureOutputs, list[Tensor]]:
+        """The raw outputs and the backbone's feature maps they came from (for embeddings, no second pass)."""
+        features, anchors = self.features(images)
+        return self.head(features, anchors), features
+
 
 class PlainSSD(_SSDBase):
     """The same backbone with torchvision's point-estimate SSD head, for side-by-side comparisons."""
