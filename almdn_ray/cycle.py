@@ -357,7 +357,8 @@ class Driver:
         out = self.layout.cycle(k, "selected.parquet")
         if storage.exists(out):
             return True
-        scores = reduce.read_scores(self.layout.cycle(k, "scores"), self.job.acquisition.strategy)
+        folder = self.layout.cycle(k, "scores")
+        scores = reduce.read_scores(folder, self.job.acquisition.strategy)
         selection = reduce.select_from_scores(
             scores,
             self.job.acquisition.budget,
@@ -365,6 +366,7 @@ class Driver:
             seed=self.job.seed + k,
             exclude=labeled_ids(self.layout, k),
             diverse=self.diversity(),
+            embeddings=lambda ids: reduce.read_embeddings(folder, ids),
         )
         classes = selection.classes if selection.classes is not None else np.full(len(selection.image_ids), -1)
         histogram = {"none" if c < 0 else self.pool.classes[c - 1]: 0 for c in classes}

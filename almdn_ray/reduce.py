@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,7 @@ from almdn_ray import acquisition, diversity, storage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SCORE_SCHEMA", "Diversity", "read_scores", "embedding_matrix", "select_from_scores"]
+__all__ = ["SCORE_SCHEMA", "Diversity", "read_scores", "read_embeddings", "embedding_matrix", "select_from_scores"]
 
 SCORE_SCHEMA = pa.schema(
     [("image_id", pa.string())]
@@ -44,8 +44,7 @@ def read_scores(folder: str, strategy: str | None = None) -> pa.Table:
         raise FileNotFoundError(f"{folder} has no score files; run the SCORE stage first")
     schema = SCORE_SCHEMA
     if strategy is not None:
-        features = ["embedding", "det_embedding"] if strategy in acquisition.DIVERSE_STRATEGIES else []
-        wanted = ["image_id", *acquisition.strategy_columns(strategy), "top_class", *features, "error"]
+        wanted = ["image_id", *acquisition.strategy_columns(strategy), "top_class", "error"]
         schema = pa.schema([SCORE_SCHEMA.field(name) for name in wanted])
     tables = []
     for uri in files:
@@ -58,6 +57,25 @@ def read_scores(folder: str, strategy: str | None = None) -> pa.Table:
             ) from error
         tables.append(table.select(schema.names).cast(schema))
     return pa.concat_tables(tables)
+
+
+EMBEDDING_COLUMNS = ["image_id", "embedding", "det_embedding"]
+
+
+def read_embeddings(folder: str, image_ids: Sequence[str] | pa.Array | None = None) -> pa.Table:
+    """The embedding columns (``EMBEDDING_COLUMNS``) of the given images (None: all), from a scores folder,
+    file by file and filtered as read: the reduce of ``almdn_diverse`` holds the candidates' embeddings, not
+    the pool's."""
+    where = None
+    if image_ids is not None:
+        wanted = image_ids if isinstance(image_ids, pa.Array) else pa.array(list(image_ids), pa.string())
+        where = pc.is_in(pc.field("image_id"), wanted)
+    schema = pa.schema([SCORE_SCHEMA.field(name) for name in EMBEDDING_COLUMNS])
+    tables = [
+        storage.read_parquet(uri, columns=EMBEDDING_COLUMNS, filters=where).select(EMBEDDING_COLUMNS).cast(schema)
+        for uri in storage.list_files(folder, pattern="*.parquet")
+    ]
+    return pa.concat_tables(tables) if tables else schema.empty_table()
 
 
 class _LazyColumns(Mapping):
@@ -140,12 +158,15 @@ def select_from_scores(
     seed: int = 0,
     exclude: Sequence[str] = (),
     diverse: Diversity = Diversity(),
+    embeddings: Callable[[pa.Array], pa.Table] | None = None,
 ) -> acquisition.Selection:
     """The pool reduce over score rows: drop unreadable images (and ``exclude``), score, take ``budget``.
 
     Works on Arrow columns without per-row Python objects (10 million rows fit in a few GB). ``almdn_diverse``
     composes the batch from the top ``diverse.beta x budget`` by AL-MDN score (:func:`diversity.diverse_subset`);
     the rows of ``exclude`` that are in ``scores`` (labelled images, scored for this) count as already picked.
+    Its embeddings come from ``scores`` when it has them, else from ``embeddings(image_ids)`` (for example
+    :func:`read_embeddings` of the scores folder), asked for the candidates and labelled images only.
     """
     keep = pc.is_null(scores.column("error"))
     labelled = None
@@ -163,7 +184,7 @@ def select_from_scores(
         raise ValueError("score rows repeat an image id: an image was scored twice; delete the scores and rerun")
     del ordered
     if strategy in acquisition.DIVERSE_STRATEGIES:
-        rows, values, dropped = _diverse_rows(order, scores, budget, seed, diverse, labelled)
+        rows, values, dropped = _diverse_rows(order, scores, budget, seed, diverse, labelled, embeddings)
     else:
         rows, values = acquisition.select_rows(order, _LazyColumns(scores), budget, strategy=strategy, seed=seed)
         dropped = 0
@@ -174,9 +195,15 @@ def select_from_scores(
     return acquisition.Selection(chosen, values, np.arange(rows.shape[0]), classes, dropped)
 
 
-def _features(table: pa.Table, kind: str) -> np.ndarray:
+def _features(table: pa.Table, kind: str, embeddings: Callable[[pa.Array], pa.Table] | None) -> np.ndarray:
     """The rows' features for the diverse step: image embeddings, or the mean of the detections' (an image
     without a confident detection falls back to its image embedding)."""
+    if "embedding" not in table.column_names:
+        if embeddings is None:
+            raise ValueError("almdn_diverse needs the score rows' embeddings: pass embeddings= or their columns")
+        ids = table.column("image_id")
+        found = embeddings(ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids)
+        table = found.take(pc.index_in(ids, found.column("image_id")))  # in the rows' order; none found: null
     images = embedding_matrix(table.column("embedding"))
     if images.shape[1] == 0 and table.num_rows:
         raise ValueError(
@@ -191,15 +218,21 @@ def _features(table: pa.Table, kind: str) -> np.ndarray:
 
 
 def _diverse_rows(
-    order: np.ndarray, scores: pa.Table, budget: int, seed: int, diverse: Diversity, labelled: pa.Table | None
+    order: np.ndarray,
+    scores: pa.Table,
+    budget: int,
+    seed: int,
+    diverse: Diversity,
+    labelled: pa.Table | None,
+    embeddings: Callable[[pa.Array], pa.Table] | None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     values = acquisition.strategy_scores("almdn", _LazyColumns(scores), seed=seed, order=order)
     wanted = min(scores.num_rows, math.ceil(diverse.beta * budget))
     top = acquisition.fill_unscored(acquisition.select_top(values[order], wanted), values[order], seed)
     candidates = order[top]  # best first: diverse_subset breaks ties towards the better score
     table = scores.take(pa.array(candidates))
-    features = _features(table, diverse.features)
-    known = _features(labelled, diverse.features) if labelled is not None and labelled.num_rows else None
+    features = _features(table, diverse.features, embeddings)
+    known = _features(labelled, diverse.features, embeddings) if labelled is not None and labelled.num_rows else None
     classes = table.column("top_class").to_numpy(zero_copy_only=False)
     result = diversity.diverse_subset(
         features,

@@ -189,7 +189,7 @@ def pool_duplicates(run: str, *, cycle: int | None = None, max_distance: float =
         cycle = scored[-1]
     elif cycle not in scored:
         raise FileNotFoundError(f"{run}: cycle {cycle} has no scores; scored cycles: {scored}")
-    table = reduce.read_scores(layout.cycle(cycle, "scores"))
+    table = reduce.read_embeddings(layout.cycle(cycle, "scores"))
     table = table.filter(pc.is_valid(table.column("embedding"))).select(["image_id", "embedding"])
     features = reduce.embedding_matrix(table.column("embedding"))
     if table.num_rows and features.shape[1] == 0:

@@ -276,12 +276,15 @@ def write_json(uri: str, value: Any, *, endpoint: str | None = None) -> None:
     write_bytes(uri, json.dumps(value, indent=2, sort_keys=True).encode(), endpoint=endpoint)
 
 
-def read_parquet(uri: str, *, columns: list[str] | None = None, endpoint: str | None = None) -> pa.Table:
-    """Read a Parquet file straight from its filesystem (streamed, not copied into memory first)."""
+def read_parquet(
+    uri: str, *, columns: list[str] | None = None, endpoint: str | None = None, filters: Any = None
+) -> pa.Table:
+    """Read a Parquet file straight from its filesystem (streamed, not copied into memory first); ``filters``
+    (a ``pyarrow.compute`` expression) keeps the matching rows as they are read."""
     fs, path = resolve(uri, endpoint=endpoint)
     try:
         # pre_buffer=False: decode column chunk by column chunk; halves the peak memory on big score files
-        return pq.read_table(path, filesystem=fs, columns=columns, pre_buffer=False)
+        return pq.read_table(path, filesystem=fs, columns=columns, pre_buffer=False, filters=filters)
     except FileNotFoundError as error:
         raise FileNotFoundError(f"{uri} does not exist") from error
     except OSError as error:

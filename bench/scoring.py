@@ -9,8 +9,11 @@ Side by side in one run, on the same images and model:
    (forward + per-image summary on pre-decoded pixels), and the Ray Data pipeline with decoding in the model
    actors (the CPU default) beside decoding in CPU tasks ahead of them (the GPU default). On a CUDA machine
    the forward and the pipeline are also measured on the GPU (bf16), with the GPU's busy share.
+4. The scoring pass with the 128-dim image and per-detection embeddings against without (``almdn_diverse``'s
+   cost): img/s side by side, and the score Parquet's bytes per image.
 
     python bench/scoring.py [--sizes 1000 10000] [--image-size 64] [--reduce-rows 10000000] [--stage-images 400]
+        [--embedding-images 200] [--only-embeddings]
 """
 
 from __future__ import annotations
@@ -172,6 +175,57 @@ def bench_stages(count: int, workdir: Path, image_size: int = 320) -> None:
     print("GPU rows (forward and pipeline in bf16, GPU busy %) are not measured by this script yet\n")
 
 
+def bench_embeddings(count: int, workdir: Path, image_size: int = 320, rounds: int = 3) -> None:
+    """The scoring pass with the image and per-detection embeddings (``almdn_diverse``) against without them:
+    forward + summary on the same pre-decoded pixels, alternating, and the score Parquet's bytes per image."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from almdn_ray import scoring
+    from almdn_ray.data.manifest import read_manifest
+    from almdn_ray.model import ModelSpec
+    from almdn_ray.model.postprocess import PostprocessConfig
+
+    manifest = write_jpegs(workdir / "embedding-jpegs", count)
+    uris = read_manifest(manifest).column("uri").to_pylist()
+    ids = read_manifest(manifest).column("image_id").to_pylist()
+    spec = ModelSpec(preset="ssdlite320_mobilenet_v3", num_classes=21, image_size=image_size)
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    torch.set_num_threads(1)
+    decoded = scoring.decode_images(uris, image_size)
+    # an untrained model detects little at 0.5: keep its detections down to 0.05 so that each image has the
+    # eight per-detection embeddings of a busy scene
+    config = PostprocessConfig(min_confidence=0.05)
+    embedder, batch = scoring.Embedder(128), 16
+    seconds = {"without": 0.0, "with": 0.0}
+    tables = {}
+    for _ in range(rounds):
+        for name, with_embeddings in (("without", None), ("with", embedder)):
+            start, parts = time.perf_counter(), []
+            for i in range(0, count, batch):
+                part = (decoded[0][i : i + batch], decoded[1][i : i + batch])
+                rows = scoring.score_images(
+                    model, ids[i : i + batch], decoded=part, config=config, embedder=with_embeddings
+                )
+                parts.append(pa.Table.from_pydict(rows, schema=reduce.SCORE_SCHEMA))
+            seconds[name] += time.perf_counter() - start
+            tables[name] = pa.concat_tables(parts)
+    sizes = {}
+    for name, table in tables.items():
+        path = workdir / f"embedding-{name}.parquet"
+        pq.write_table(table, path)
+        sizes[name] = path.stat().st_size / count
+    detections = np.asarray(tables["with"].column("n_det"))
+    print(f"embeddings in the scoring pass, {count} JPEGs -> {image_size}px, small preset, 128 dims, 1 thread, "
+          f"{rounds} alternating rounds; detections per image: median {np.median(detections):.0f}:\n")  # fmt: skip
+    print("| scoring pass | img/s | score Parquet bytes / image |")
+    print("|---|---|---|")
+    for name in ("without", "with"):
+        print(f"| {name} embeddings | {count * rounds / seconds[name]:.1f} | {sizes[name]:.0f} |")
+    print(f"\nwith / without embeddings, time: {seconds['with'] / seconds['without']:.3f}\n")
+
+
 def bench_reduce(rows: int, budget: int = 1000) -> None:
     """Write 10M synthetic score rows to Parquet, then time the reduce in a fresh process (clean peak RSS)."""
     import subprocess
@@ -241,6 +295,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96, help="model input side")
     parser.add_argument("--reduce-rows", type=int, default=10_000_000)
     parser.add_argument("--stage-images", type=int, default=400, help="JPEGs for the stage split (0: skip)")
+    parser.add_argument("--embedding-images", type=int, default=200, help="JPEGs for the embedding cost (0: skip)")
+    parser.add_argument("--only-embeddings", action="store_true", help="measure the embedding cost alone")
     parser.add_argument("--reduce-file", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=1000, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -248,8 +304,13 @@ def main() -> None:
         reduce_file(args.reduce_file, args.budget)
         return
     print(f"# bench/scoring.py — {platform.machine()}, {os.cpu_count()} CPUs")
-    bench_reduce(args.reduce_rows)  # first, so that the peak memory it reports is not Ray's
+    if not args.only_embeddings:
+        bench_reduce(args.reduce_rows)  # first, so that the peak memory it reports is not Ray's
     with tempfile.TemporaryDirectory() as folder:
+        if args.embedding_images:
+            bench_embeddings(args.embedding_images, Path(folder))
+        if args.only_embeddings:
+            return
         if args.stage_images:
             bench_stages(args.stage_images, Path(folder))
         bench_throughput(args.sizes, args.image_size, Path(folder))

@@ -138,3 +138,26 @@ def test_bad_diversity_settings_name_the_key(acquisition_spec, message, tmp_path
         spec_from_dict(
             {"storage": {"uri": str(tmp_path)}, "dataset": {"train": "x.json"}, "acquisition": acquisition_spec}
         )
+
+
+def test_from_score_files_the_reduce_reads_only_the_candidates_embeddings(burst_pool, tmp_path):
+    from almdn_ray import storage
+    from almdn_ray.reduce import read_embeddings, read_scores
+
+    _, _, scores = burst_pool
+    storage.write_parquet(str(tmp_path / "part-0.parquet"), scores.slice(0, 25))
+    storage.write_parquet(str(tmp_path / "part-1.parquet"), scores.slice(25))
+    narrow = read_scores(str(tmp_path), "almdn_diverse")
+    assert "embedding" not in narrow.column_names and "top_class" in narrow.column_names
+    asked = []
+
+    def embeddings(ids):
+        asked.append(len(ids))
+        return read_embeddings(str(tmp_path), ids)
+
+    labelled = scores.column("image_id").to_pylist()[:10]
+    from_files = select_from_scores(narrow, 6, strategy="almdn_diverse", exclude=labelled, embeddings=embeddings)
+    in_memory = select_from_scores(scores, 6, strategy="almdn_diverse", exclude=labelled)
+    assert from_files.image_ids.tolist() == in_memory.image_ids.tolist()
+    assert asked == [24, 10]  # beta x budget candidates, then the labelled images: never the whole pool
+    assert read_embeddings(str(tmp_path)).num_rows == scores.num_rows

@@ -29,6 +29,7 @@ from almdn_ray.distributed.placement import PlacementError
 from almdn_ray.distributed.score_pool import score_pool
 from almdn_ray.distributed.train import train_distributed
 from almdn_ray.model import ModelSpec, PostprocessConfig
+from almdn_ray.model.embeddings import Embedder
 from almdn_ray.scoring import load_model, read_scores, score_table
 from almdn_ray.training import TrainRecipe
 from tests.distributed.cluster_files import kuberay_shape, launcher_shape
@@ -81,6 +82,7 @@ def main(workdir: Path) -> None:
         postprocess=PostprocessConfig(min_confidence=0.2),
         batch_size=4,
         rows_per_block=4,
+        embedding_dims=16,  # the embedding columns travel through Ray Data and Parquet as on a cluster
     )
 
     # 1. CPU-only: two 8-CPU nodes.
@@ -128,9 +130,11 @@ def main(workdir: Path) -> None:
     report["gpu_workers"] = len(set(gpu.column("worker").to_pylist()))
     report["gpu_on_workers_only"] = nodes_of(gpu) <= ids and head not in nodes_of(gpu)
     model = load_model(spec, str(workdir / "model.pt"))
-    reference = score_table(model, read_manifest(str(workdir / "pool")), batch_size=4, config=common["postprocess"])
+    reference = score_table(
+        model, read_manifest(str(workdir / "pool")), batch_size=4, config=common["postprocess"], embedder=Embedder(16)
+    )
     by_id = {r["image_id"]: r for r in gpu.to_pylist()}
-    columns = ["n_det", "loc_al_max", "loc_ep_max", "cls_al_max", "cls_ep_max"]
+    columns = ["n_det", "loc_al_max", "loc_ep_max", "cls_al_max", "cls_ep_max", "top_class", "embedding"]
     report["gpu_equals_reference"] = all(
         all(by_id[r["image_id"]][c] == r[c] for c in columns) for r in reference.to_pylist()
     )
