@@ -34,7 +34,8 @@ def test_training_scoring_and_eval_on_clusters_shaped_like_the_cluster_files(tmp
     assert report["removed_while_running"]
     assert report["removed_rows"] == report["removed_ids"] == 48
     # GPU shape: one model actor per GPU node, decode tasks ahead of them, the same rows as one process.
-    assert report["gpu_workers"] == 4 and report["gpu_on_workers_only"] and report["gpu_equals_reference"]
+    assert report["gpu_workers"] == 4 and report["gpu_on_workers_only"]
+    assert report["gpu_equals_reference"], report["gpu_mismatches"]
     assert report["gpu_embedding_dims"] == 16 and report["gpu_embedding_gap"] < 2e-3
     assert report["eval_on_worker"] and report["eval_images"] == 8
     # 5 GPU workers on 4 GPU nodes: refused within a minute, naming the request and every node.
