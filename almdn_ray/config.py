@@ -76,6 +76,7 @@ class AcquisitionSpec:
     embedding_dims: int = 128  # per-image and per-detection embeddings in the score files; 0 = none
     beta: float = 4.0  # almdn_diverse: candidates = the top beta x budget by AL-MDN score
     min_distance: float = 0.05  # almdn_diverse: no pick nearer than this to another pick or a labelled image
+    max_beta: float = 32.0  # almdn_diverse: too few picks survive min_distance: candidates double up to this x budget
     diversity_features: str = "image"  # almdn_diverse: image embeddings, or objects (mean of detections')
     class_target: Any = None  # almdn_diverse: None, "uniform", or {class name: share} to lean the batch towards
 
@@ -99,6 +100,11 @@ class AcquisitionSpec:
             raise ValueError(f"acquisition.beta must be >= 1 (candidates = beta x budget), got {self.beta}")
         if self.min_distance < 0:
             raise ValueError(f"acquisition.min_distance must be >= 0, got {self.min_distance}")
+        if self.max_beta < self.beta:
+            raise ValueError(
+                f"acquisition.max_beta ({self.max_beta}) must be >= acquisition.beta ({self.beta}): the candidates "
+                "start at beta x budget and widen up to max_beta x budget"
+            )
         if self.diversity_features not in ("image", "objects"):
             raise ValueError(
                 f"acquisition.diversity_features: choose image or objects, got {self.diversity_features!r}"

@@ -405,7 +405,9 @@ class Driver:
                     f"choose among {list(self.pool.classes)}"
                 )
             target = {self.pool.classes.index(name) + 1: float(share) for name, share in target.items()}
-        return reduce.Diversity(beta=a.beta, min_distance=a.min_distance, features=a.diversity_features, target=target)
+        return reduce.Diversity(
+            beta=a.beta, min_distance=a.min_distance, features=a.diversity_features, target=target, max_beta=a.max_beta
+        )
 
     def _label(self, k: int) -> bool:
         out = self.layout.cycle(k + 1, "labeled.parquet")

@@ -65,6 +65,7 @@ def diverse_subset(
     classes: np.ndarray | None = None,
     target: dict[int, float] | None = None,
     block: int = 8192,
+    warn_short: bool = True,
 ) -> DiverseResult:
     """Pick ``budget`` of the candidates: uncertain, far from each other and from the labelled set.
 
@@ -82,6 +83,8 @@ def diverse_subset(
             share among the picks so far: ``(target_c + e) / (share_c + e)``, ``e`` = 1 / budget.
         target: class -> wanted share of the batch (normalised here); classes missing from it get no lean.
         block: rows per blocked matrix product when measuring distances to ``labelled``.
+        warn_short: log a warning when fewer than ``budget`` come back (off for a caller that widens the candidates
+            and tries again).
     """
     points = normalise(features)
     scores = np.asarray(scores, np.float64)
@@ -134,10 +137,11 @@ def diverse_subset(
         distance = np.sqrt(np.maximum(2.0 - 2.0 * (points @ points[choice]), 0.0))
         np.minimum(nearest, distance, out=nearest)
     dropped = int((available & (nearest < min_distance)).sum()) if min_distance > 0 else 0
-    if len(picked) < budget:
+    if len(picked) < budget and warn_short:
         logger.warning(
             "diverse selection: only %d of %d candidates are not within min_distance %.3g of each other or of "
-            "the labelled set; %d picked of a budget of %d (raise selection.beta for more candidates)",
+            "the labelled set; %d picked of a budget of %d (lower acquisition.min_distance, or raise "
+            "acquisition.max_beta for more candidates)",
             len(picked), count, min_distance, len(picked), budget,
         )  # fmt: skip
     return DiverseResult(np.asarray(picked, np.int64), dropped, dict(sorted(counts.items())))

@@ -104,6 +104,7 @@ class Diversity:
     min_distance: float = 0.05
     features: str = "image"
     target: dict[int, float] | None = None
+    max_beta: float = 32.0  # fewer than the budget survive min_distance: the candidates double up to this
 
 
 def embedding_matrix(column: pa.ChunkedArray | pa.Array, *, mean_of_rows: int = 0) -> np.ndarray:
@@ -227,22 +228,32 @@ def _diverse_rows(
     embeddings: Callable[[pa.Array], pa.Table] | None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     values = acquisition.strategy_scores("almdn", _LazyColumns(scores), seed=seed, order=order)
-    wanted = min(scores.num_rows, math.ceil(diverse.beta * budget))
-    top = acquisition.fill_unscored(acquisition.select_top(values[order], wanted), values[order], seed)
-    candidates = order[top]  # best first: diverse_subset breaks ties towards the better score
-    table = scores.take(pa.array(candidates))
-    features = _features(table, diverse.features, embeddings)
     known = _features(labelled, diverse.features, embeddings) if labelled is not None and labelled.num_rows else None
-    classes = table.column("top_class").to_numpy(zero_copy_only=False)
-    result = diversity.diverse_subset(
-        features,
-        values[candidates],
-        budget,
-        min_distance=diverse.min_distance,
-        labelled=known,
-        classes=classes,
-        target=diverse.target,
-    )
+    wanted = min(scores.num_rows, math.ceil(diverse.beta * budget))
+    most = min(scores.num_rows, max(wanted, math.ceil(diverse.max_beta * budget)))
+    while True:
+        top = acquisition.fill_unscored(acquisition.select_top(values[order], wanted), values[order], seed)
+        candidates = order[top]  # best first: diverse_subset breaks ties towards the better score
+        table = scores.take(pa.array(candidates))
+        classes = table.column("top_class").to_numpy(zero_copy_only=False)
+        result = diversity.diverse_subset(
+            _features(table, diverse.features, embeddings),
+            values[candidates],
+            budget,
+            min_distance=diverse.min_distance,
+            labelled=known,
+            classes=classes,
+            target=diverse.target,
+            warn_short=wanted >= most,
+        )
+        if len(result.picked) >= budget or wanted >= most:
+            break
+        logger.info(
+            "almdn_diverse: %d of %d candidates are farther than min_distance %.3g from the rest and the labelled "
+            "images; widening to the top %d by score",
+            len(result.picked), wanted, diverse.min_distance, min(most, 2 * wanted),
+        )  # fmt: skip
+        wanted = min(most, 2 * wanted)
     logger.info(
         "almdn_diverse: %d of %d candidates picked; %d near-duplicates left out (of each other or of %d labelled)",
         len(result.picked), len(candidates), result.dropped_duplicates, 0 if known is None else len(known),

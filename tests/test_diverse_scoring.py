@@ -53,6 +53,25 @@ def test_almdn_takes_copies_of_one_scene_and_almdn_diverse_none(burst_pool):
     assert min(scene[i] for i in again.image_ids) >= 4
 
 
+def test_too_few_candidates_beyond_min_distance_widen_until_the_budget_is_filled(burst_pool, caplog):
+    scene, _, scores = burst_pool
+    # the top 10 by score are copies of a few scenes: without widening, fewer than 10 survive min_distance
+    narrow = select_from_scores(scores, 10, strategy="almdn_diverse", diverse=Diversity(beta=1, max_beta=1))
+    assert len(narrow.image_ids) < 10 and "raise acquisition.max_beta" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="almdn_ray.reduce"):
+        wide = select_from_scores(scores, 10, strategy="almdn_diverse", diverse=Diversity(beta=1))
+    assert "widening to the top 20 by score" in caplog.text and "raise acquisition.max_beta" not in caplog.text
+    assert len(wide.image_ids) == 10 and len({scene[i] for i in wide.image_ids}) == 10
+    # the first candidates' picks stay: the best score leads both batches
+    assert wide.image_ids[0] == narrow.image_ids[0]
+    # a pool with fewer distinct scenes than the budget gives what it has, with the warning
+    caplog.clear()
+    short = select_from_scores(scores, 13, strategy="almdn_diverse", diverse=Diversity(beta=1))
+    assert len({scene[i] for i in short.image_ids}) == len(short.image_ids) <= 12
+    assert "raise acquisition.max_beta" in caplog.text
+
+
 def test_embeddings_come_from_the_scoring_pass_and_change_no_score(burst_pool):
     _, plain, scores = burst_pool
     for name in acquisition.summary_columns() + ["top_class", "image_id"]:
@@ -128,6 +147,7 @@ def test_scores_without_embeddings_are_refused_with_the_fix():
     [
         ({"strategy": "almdn_diverse", "embedding_dims": 0}, "set embedding_dims > 0"),
         ({"beta": 0.5}, "beta must be >= 1"),
+        ({"beta": 8, "max_beta": 4}, "max_beta .* must be >= acquisition.beta"),
         ({"diversity_features": "pixels"}, "choose image or objects"),
         ({"class_target": "even"}, "give uniform or a mapping"),
         ({"class_target": {"cat": -1}}, "shares must be numbers >= 0"),
@@ -159,5 +179,6 @@ def test_from_score_files_the_reduce_reads_only_the_candidates_embeddings(burst_
     from_files = select_from_scores(narrow, 6, strategy="almdn_diverse", exclude=labelled, embeddings=embeddings)
     in_memory = select_from_scores(scores, 6, strategy="almdn_diverse", exclude=labelled)
     assert from_files.image_ids.tolist() == in_memory.image_ids.tolist()
-    assert asked == [24, 10]  # beta x budget candidates, then the labelled images: never the whole pool
+    # the labelled images, then beta x budget candidates, widened once (24 held fewer than 6 beyond min_distance)
+    assert asked == [10, 24, 48]
     assert read_embeddings(str(tmp_path)).num_rows == scores.num_rows

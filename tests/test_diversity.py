@@ -44,7 +44,7 @@ def test_the_budget_shrinks_when_only_duplicates_are_left(caplog):
     features, scores, source = copied_pool(distinct=3)
     result = diverse_subset(features, scores, 5, min_distance=0.1)
     assert sorted(source[result.picked]) == [0, 1, 2]
-    assert "raise selection.beta" in caplog.text
+    assert "raise acquisition.max_beta" in caplog.text
 
 
 def test_a_uniform_class_target_moves_a_five_to_one_batch_towards_even():
