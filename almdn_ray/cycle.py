@@ -142,13 +142,13 @@ class Driver:
         current = spec_to_dict(self.job)
         if storage.exists(self.layout.job):
             started = yaml.safe_load(storage.read_bytes(self.layout.job))
-            changed = diff_specs(started, current)
+            # read back through the spec: a key a later version added counts as its default, not as a change
+            changed = diff_specs(spec_to_dict(spec_from_dict(started, self.layout.job)), current)
             if changed:
                 raise SpecError(
                     f"{self.layout.job}: the run was started with a different job spec; changed keys: "
                     f"{changed}. Restore them, or give a new storage.uri for a new run"
                 )
-            spec_from_dict(started, self.layout.job)
         else:
             storage.write_bytes(self.layout.job, yaml.safe_dump(current, sort_keys=False).encode())
 

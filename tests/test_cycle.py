@@ -129,6 +129,20 @@ def test_cycles_grow_the_labelled_set_without_repeats(demo, tmp_path):
     assert Driver(job(demo, tmp_path), again.functions()).run().status == "finished" and again.calls == []
 
 
+def test_a_run_resumes_under_the_spec_it_started_with_and_refuses_a_changed_one(demo, tmp_path):
+    recorder = Recorder(fail_score_once=True)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        Driver(job(demo, tmp_path), recorder.functions()).run()
+    layout = RunLayout(str(tmp_path))
+    frozen = yaml.safe_load(storage.read_bytes(layout.job))
+    # written by an older version that had no acquisition.max_beta: the default fills it, the run resumes
+    del frozen["acquisition"]["max_beta"]
+    storage.write_bytes(layout.job, yaml.safe_dump(frozen, sort_keys=False).encode())
+    with pytest.raises(SpecError, match=r"changed keys: \['acquisition.budget'\]"):
+        Driver(job(demo, tmp_path, budget=7), Recorder().functions()).run()
+    assert Driver(job(demo, tmp_path), Recorder().functions()).run().status == "finished"
+
+
 def test_a_failed_stage_resumes_without_redoing_finished_ones(demo, tmp_path):
     recorder = Recorder(fail_score_once=True)
     with pytest.raises(RuntimeError, match="worker lost"):
