@@ -101,9 +101,17 @@ def diverse_subset(
     weight = np.where(finite, (scores - low) / span if span > 0 else 1.0, 0.0)
     weight[np.isposinf(scores)] = 1.0  # +inf ranks first (as in select_top); -inf and NaN: unscored, lowest weight
     weight = (0.05 + 0.95 * weight) ** score_power  # (0, 1]: the least uncertain candidate can still be picked
+    if count == 0 or budget == 0:  # e.g. every unlabelled image unreadable: nothing to pick, whatever is labelled
+        return DiverseResult(np.zeros(0, np.int64), 0, {})
     nearest = np.full(count, np.inf, np.float32)
     if labelled is not None and len(labelled):
-        nearest = _min_distance_to(points, normalise(labelled), block)
+        known = normalise(labelled)
+        if known.shape[1] != points.shape[1]:
+            raise ValueError(
+                f"labelled embeddings have {known.shape[1]} dims, the candidates' {points.shape[1]}: they come from "
+                "different scoring passes; delete the cycle's scores/ folder to rescore it"
+            )
+        nearest = _min_distance_to(points, known, block)
     shares: dict[int, float] = {}
     if target is not None:
         total = sum(target.values())

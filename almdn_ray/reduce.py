@@ -228,7 +228,9 @@ def _diverse_rows(
     embeddings: Callable[[pa.Array], pa.Table] | None,
 ) -> tuple[np.ndarray, np.ndarray, int]:
     values = acquisition.strategy_scores("almdn", _LazyColumns(scores), seed=seed, order=order)
-    known = _features(labelled, diverse.features, embeddings) if labelled is not None and labelled.num_rows else None
+    known = None
+    if labelled is not None and labelled.num_rows and scores.num_rows:  # no candidates: no labelled set to read
+        known = _features(labelled, diverse.features, embeddings)
     wanted = min(scores.num_rows, math.ceil(diverse.beta * budget))
     most = min(scores.num_rows, max(wanted, math.ceil(diverse.max_beta * budget)))
     while True:

@@ -117,6 +117,19 @@ def test_a_class_target_moves_a_five_to_one_selection_towards_it():
     assert len(set(even.image_ids)) == 50
 
 
+def test_with_every_unlabelled_image_unreadable_almdn_diverse_selects_what_almdn_does():
+    scores = synthetic_scores(np.random.default_rng(2), np.ones(20, np.int64))
+    unreadable = [None] * 10 + ["cannot identify image file"] * 10  # as the scoring pass records them
+    embeddings = scores.column("embedding").to_pylist()[:10] + [None] * 10
+    scores = scores.set_column(scores.schema.get_field_index("error"), "error", pa.array(unreadable, pa.string()))
+    scores = scores.set_column(scores.schema.get_field_index("embedding"), "embedding", pa.array(embeddings))
+    labelled = scores.column("image_id").to_pylist()[:10]
+    plain = select_from_scores(scores, 5, strategy="almdn", exclude=labelled)
+    diverse = select_from_scores(scores, 5, strategy="almdn_diverse", exclude=labelled)
+    assert plain.image_ids.tolist() == diverse.image_ids.tolist() == []
+    assert diverse.scores.shape == diverse.ranks.shape == diverse.classes.shape == (0,)
+
+
 def test_the_embedding_columns_decode_to_rows_and_detection_means():
     rng = np.random.default_rng(0)
     dims = 4
