@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -114,12 +115,17 @@ class AcquisitionSpec:
             raise ValueError(
                 f"acquisition.class_target: give uniform or a mapping of class name to share, got {target!r}"
             )
-        if isinstance(target, dict) and (
-            not target
-            or any(not isinstance(v, int | float) or isinstance(v, bool) or v < 0 for v in target.values())
-            or sum(target.values()) <= 0
-        ):
-            raise ValueError(f"acquisition.class_target: shares must be numbers >= 0, not all 0; got {target}")
+        if isinstance(target, dict):
+            for name, share in target.items():
+                if (
+                    not isinstance(share, int | float)
+                    or isinstance(share, bool)
+                    or not math.isfinite(share)
+                    or share < 0
+                ):
+                    raise ValueError(f"acquisition.class_target.{name}: shares must be numbers >= 0, got {share!r}")
+            if sum(target.values()) <= 0:
+                raise ValueError(f"acquisition.class_target: shares must be numbers >= 0, not all 0; got {target}")
         self.postprocess()
 
     def postprocess(self) -> PostprocessConfig:
@@ -235,7 +241,7 @@ def _convert(hint, value, where: str):
             raise SpecError(f"{where}: expected true or false, got {value!r}")
         return value
     if hint is float:
-        if not isinstance(value, int | float) or isinstance(value, bool):
+        if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
             raise SpecError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if hint in (int, str) and not (isinstance(value, hint) and not isinstance(value, bool)):

@@ -91,7 +91,7 @@ def diverse_subset(
     count = points.shape[0]
     if scores.shape != (count,):
         raise ValueError(f"scores must have one value per candidate ({count}), got shape {scores.shape}")
-    if budget < 0 or min_distance < 0:
+    if not (budget >= 0 and min_distance >= 0):  # NaN too: it would pick nothing
         raise ValueError(f"budget and min_distance must be >= 0, got {budget} and {min_distance}")
     if target is not None and classes is None:
         raise ValueError("a class target needs each candidate's predicted class (classes)")

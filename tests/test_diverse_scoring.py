@@ -164,6 +164,8 @@ def test_scores_without_embeddings_are_refused_with_the_fix():
         ({"diversity_features": "pixels"}, "choose image or objects"),
         ({"class_target": "even"}, "give uniform or a mapping"),
         ({"class_target": {"cat": -1}}, "shares must be numbers >= 0"),
+        ({"min_distance": float("nan")}, r"acquisition.min_distance: expected a number, got nan"),
+        ({"class_target": {"cat": 1, "dog": float("nan")}}, r"class_target.dog: shares must be numbers >= 0, got nan"),
     ],
 )
 def test_bad_diversity_settings_name_the_key(acquisition_spec, message, tmp_path):

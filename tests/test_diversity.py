@@ -81,3 +81,7 @@ def test_bad_arguments_name_the_problem():
         diverse_subset(np.zeros((3, 2)), np.zeros(2), 1)
     with pytest.raises(ValueError, match="needs each candidate's predicted class"):
         diverse_subset(np.ones((3, 2)), np.zeros(3), 1, target={1: 1})
+    with pytest.raises(ValueError, match="must be >= 0, got 1 and nan"):
+        diverse_subset(np.ones((3, 2)), np.zeros(3), 1, min_distance=float("nan"))
+    with pytest.raises(ValueError, match="labelled embeddings have 3 dims, the candidates' 2"):
+        diverse_subset(np.ones((3, 2)), np.zeros(3), 1, labelled=np.ones((4, 3)))

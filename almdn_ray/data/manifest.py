@@ -141,7 +141,15 @@ def write_manifest_table(
 
 
 def check_unique_ids(ids: pa.ChunkedArray | pa.Array, where: str) -> None:
-    """Raise ``ValueError`` naming repeated image ids (Arrow: no per-row Python objects)."""
+    """Raise ``ValueError`` naming null or empty image ids (by row) and repeated ones (Arrow: no per-row Python
+    objects)."""
+    missing = pc.fill_null(pc.equal(pc.utf8_length(ids), 0), True)  # null ids: null lengths
+    if pc.any(missing).as_py():
+        rows = pc.indices_nonzero(missing).to_pylist()
+        raise ValueError(
+            f"{where}: row(s) {rows[:10]}{' …' * (len(rows) > 10)} have no image_id (null or empty); give every "
+            "image an id"
+        )
     if pc.count_distinct(ids).as_py() == len(ids):  # the common case, without a table of counts
         return
     counts = pc.value_counts(ids)

@@ -70,3 +70,15 @@ def test_pool_build_from_a_coco_split(tmp_path):
     assert table.column("uri").to_pylist()[0] == str(tmp_path / "1.png")
     missing = runner.invoke(app, ["pool", "build", str(tmp_path / "nope"), str(tmp_path / "pool2")])
     assert missing.exit_code == 1 and "nope does not exist" in missing.output
+
+
+def test_a_null_or_empty_image_id_is_refused_with_its_row(tmp_path):
+    import pyarrow as pa
+
+    from almdn_ray.data.manifest import check_unique_ids, write_manifest_table
+
+    with pytest.raises(ValueError, match=r"new.json: row\(s\) \[1, 3\] have no image_id"):
+        check_unique_ids(pa.chunked_array([["a", None], ["b", ""]]), "new.json")
+    table = pa.table({"image_id": ["a", None], "uri": ["a.png", "b.png"], "width": [1, 1], "height": [1, 1]})
+    with pytest.raises(ValueError, match=r"row\(s\) \[1\] have no image_id"):
+        write_manifest_table(table, str(tmp_path / "pool"))
