@@ -36,11 +36,15 @@ def normalise(features: np.ndarray) -> np.ndarray:
 
 
 def _min_distance_to(points: np.ndarray, others: np.ndarray, block: int) -> np.ndarray:
-    """Each row of ``points``' Euclidean distance to its nearest row of ``others`` (both unit rows)."""
+    """Each row of ``points``' Euclidean distance to its nearest row of ``others`` (both unit rows), in tiles of
+    ``block x block`` (both sides blocked: the widened candidates beside a large labelled set hold one tile)."""
     nearest = np.full(points.shape[0], np.inf, np.float32)
-    for start in range(0, others.shape[0], block):
-        similarity = points @ others[start : start + block].T  # [P, block]
-        np.minimum(nearest, np.sqrt(np.maximum(2.0 - 2.0 * similarity.max(axis=1), 0.0)), out=nearest)
+    for start in range(0, points.shape[0], block):
+        rows = slice(start, start + block)
+        for other in range(0, others.shape[0], block):
+            similarity = points[rows] @ others[other : other + block].T  # [block, block]
+            distance = np.sqrt(np.maximum(2.0 - 2.0 * similarity.max(axis=1), 0.0))
+            np.minimum(nearest[rows], distance, out=nearest[rows])
     return nearest
 
 
@@ -64,7 +68,7 @@ def diverse_subset(
     score_power: float = 1.0,
     classes: np.ndarray | None = None,
     target: dict[int, float] | None = None,
-    block: int = 8192,
+    block: int = 2048,
     warn_short: bool = True,
 ) -> DiverseResult:
     """Pick ``budget`` of the candidates: uncertain, far from each other and from the labelled set.
@@ -82,7 +86,8 @@ def diverse_subset(
             with ``target`` set, a candidate's weight is multiplied by how far its class lags behind its target
             share among the picks so far: ``(target_c + e) / (share_c + e)``, ``e`` = 1 / budget.
         target: class -> wanted share of the batch (normalised here); classes missing from it get no lean.
-        block: rows per blocked matrix product when measuring distances to ``labelled``.
+        block: candidates and labelled rows per tile when measuring distances to ``labelled`` (a tile holds
+            ``block x block`` float32).
         warn_short: log a warning when fewer than ``budget`` come back (off for a caller that widens the candidates
             and tries again).
     """
@@ -161,28 +166,67 @@ def class_histogram(classes: np.ndarray) -> dict[int, int]:
     return {int(v): int(c) for v, c in zip(values, counts)}
 
 
-def duplicate_groups(features: np.ndarray, max_distance: float, *, block: int = 4096) -> list[np.ndarray]:
+COSINE_TOLERANCE = 2e-6
+"""Float32 rounding of a unit row's cosine with itself (0.99999994 and below, to ~1e-6 at 1,024 dims): pairs
+this close to the cut-off count as within it, so ``max_distance`` 0 means identical (distance <= ~0.002)."""
+
+
+def duplicate_groups(features: np.ndarray, max_distance: float, *, block: int = 2048) -> list[np.ndarray]:
     """Groups of rows whose embeddings lie within ``max_distance`` of another in the group (single linkage),
-    largest first; rows with no near-duplicate are left out. Exact and blocked: ``N^2 / 2`` dot products."""
+    largest first; rows with no near-duplicate are left out.
+
+    Exact, in ``block x block`` tiles of the ``N^2 / 2`` dot products, joined in an array union-find a few edges
+    at a time: per round, each row and column of a tile links to its first neighbour in another group (every
+    such group merges, so the rounds halve them), until no pair of the tile is in two groups. Time and memory
+    do not grow with the number of near-duplicate pairs: a video's thousands of near-copies of one scene cost
+    about what as many distinct images do.
+    """
     points = normalise(features)
     count = points.shape[0]
-    parent = np.arange(count)
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    threshold = 1.0 - max_distance**2 / 2.0  # distance <= d  <=>  cosine >= 1 - d^2 / 2
+    parent = np.arange(count)  # each row's link towards its group's root (the group's lowest row)
+    threshold = 1.0 - max_distance**2 / 2.0 - COSINE_TOLERANCE  # distance <= d  <=>  cosine >= 1 - d^2 / 2
     for start in range(0, count, block):
-        similarity = points[start : start + block] @ points[start:].T
-        rows, cols = np.nonzero(similarity >= threshold)
-        for r, c in zip(rows + start, cols + start):
-            if c > r:
-                a, b = root(int(r)), root(int(c))
-                if a != b:
-                    parent[max(a, b)] = min(a, b)
-    roots = np.array([root(i) for i in range(count)])
-    groups = [np.flatnonzero(roots == r) for r in np.unique(roots)]
+        rows = np.arange(start, min(start + block, count))
+        for other in range(start, count, block):
+            cols = np.arange(other, min(other + block, count))
+            near = points[rows[0] : rows[-1] + 1] @ points[cols[0] : cols[-1] + 1].T >= threshold  # [block, block]
+            if other == start:
+                near &= rows[:, None] < cols[None, :]
+            while True:
+                near &= _roots(parent, rows)[:, None] != _roots(parent, cols)[None, :]  # pairs not joined yet
+                linked_rows, linked_cols = np.flatnonzero(near.any(axis=1)), np.flatnonzero(near.any(axis=0))
+                if not linked_rows.size:
+                    break
+                first_col = near[linked_rows].argmax(axis=1)
+                first_row = near[:, linked_cols].argmax(axis=0)
+                _join(
+                    parent,
+                    rows[np.concatenate([linked_rows, first_row])],
+                    cols[np.concatenate([first_col, linked_cols])],
+                )
+    roots = _roots(parent, np.arange(count))
+    order = np.argsort(roots, kind="stable")
+    groups = np.split(order, np.flatnonzero(np.diff(roots[order])) + 1)
     return sorted((g for g in groups if g.shape[0] > 1), key=lambda g: (-g.shape[0], g[0]))
+
+
+def _roots(parent: np.ndarray, nodes: np.ndarray) -> np.ndarray:
+    """The roots of ``nodes`` in the forest ``parent`` (a root is its own parent); their paths are compressed."""
+    found = parent[nodes]
+    while True:
+        up = parent[found]
+        if np.array_equal(up, found):
+            break
+        found = up
+    parent[nodes] = found
+    return found
+
+
+def _join(parent: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+    """Union of the groups of each pair ``(a[i], b[i])``, all pairs at once: each round hooks every higher root to
+    the lowest root it is paired with (parents only point down, so no cycles) until the pairs share roots."""
+    while a.size:
+        root_a, root_b = _roots(parent, a), _roots(parent, b)
+        apart = root_a != root_b
+        a, b, root_a, root_b = a[apart], b[apart], root_a[apart], root_b[apart]
+        np.minimum.at(parent, np.maximum(root_a, root_b), np.minimum(root_a, root_b))

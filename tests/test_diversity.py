@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from almdn_ray.acquisition import select_top
-from almdn_ray.diversity import class_histogram, diverse_subset, duplicate_groups
+from almdn_ray.diversity import _min_distance_to, class_histogram, diverse_subset, duplicate_groups, normalise
 
 
 def copied_pool(distinct=40, copies=5, dims=64, noise=1e-3, seed=0):
@@ -74,6 +74,55 @@ def test_duplicate_groups_are_the_copies():
     groups = duplicate_groups(np.vstack([features, singles]), 0.1, block=7)
     assert len(groups) == 12
     assert all(g.shape[0] == 3 and len(set(source[g])) == 1 for g in groups)
+
+
+def test_at_distance_0_byte_identical_rows_are_one_group():
+    row = np.random.default_rng(2).normal(size=(1, 16)).astype(np.float32)  # its cosine with itself: 0.99999994
+    rows = np.vstack([np.tile(row, (4, 1)), np.random.default_rng(3).normal(size=(3, 16))])
+    assert [g.tolist() for g in duplicate_groups(rows, 0.0)] == [[0, 1, 2, 3]]
+    rows[1, 0] += 0.1  # a near copy (distance ~0.02) is not identical
+    assert [g.tolist() for g in duplicate_groups(rows, 0.0)] == [[0, 2, 3]]
+
+
+def test_duplicate_groups_link_chains_and_many_near_copies():
+    angles = np.arange(30) * 0.04  # each row 0.04 from the next; the ends 1.2 radians apart: one group
+    chain = np.zeros((33, 4))
+    chain[:30, 0], chain[:30, 1] = np.cos(angles), np.sin(angles)
+    chain[30:, 2:] = [[1, 0], [0, 1], [1, 1]]
+    assert [g.tolist() for g in duplicate_groups(chain, 0.05, block=7)] == [list(range(30))]
+    rng = np.random.default_rng(1)
+    scene, others = rng.normal(size=32), rng.normal(size=(200, 32))
+    copies = scene + 1e-3 * rng.normal(size=(1000, 32))  # a video: 1,000 near-copies, half a million pairs
+    groups = duplicate_groups(np.vstack([others[:100], copies, others[100:]]), 0.05, block=256)
+    assert [(g.shape[0], g[0], g[-1]) for g in groups] == [(1000, 100, 1099)]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_duplicate_groups_are_the_connected_components_of_the_near_pairs(seed):
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(8, 3))[rng.integers(0, 8, 60)] + 0.05 * rng.normal(size=(60, 3))  # clumps
+    points = normalise(features)
+    near = points @ points.T >= 1 - 0.1**2 / 2  # the same cut-off, here by brute force
+    groups, seen = [], set()
+    for start in range(60):  # components by depth-first search
+        stack, group = [start], set()
+        while stack:
+            i = stack.pop()
+            if i not in group:
+                group.add(i)
+                stack += np.flatnonzero(near[i]).tolist()
+        if start not in seen and len(group) > 1:
+            groups.append(sorted(group))
+        seen |= group
+    found = duplicate_groups(features, 0.1, block=5)
+    assert sorted(g.tolist() for g in found) == sorted(groups)
+
+
+def test_distances_to_the_labelled_set_are_exact_in_blocks():
+    rng = np.random.default_rng(5)
+    points, others = normalise(rng.normal(size=(10, 8))), normalise(rng.normal(size=(7, 8)))
+    brute = np.sqrt(((points[:, None] - others[None]) ** 2).sum(-1)).min(1)
+    np.testing.assert_allclose(_min_distance_to(points, others, 3), brute, atol=1e-3)
 
 
 def test_bad_arguments_name_the_problem():
