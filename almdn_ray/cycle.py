@@ -139,22 +139,38 @@ class Driver:
         return model_spec(self.job, self.pool.num_classes)
 
     def _freeze_job(self) -> None:
+        """Write ``job.yaml`` at the start; on resume refuse a changed spec, except a corrected class target: one
+        that named classes the pool lacks stopped the run at its first SELECT, so no selection used it."""
         current = spec_to_dict(self.job)
         if storage.exists(self.layout.job):
-            started = yaml.safe_load(storage.read_bytes(self.layout.job))
+            started = spec_from_dict(yaml.safe_load(storage.read_bytes(self.layout.job)), self.layout.job)
             # read back through the spec: a key a later version added counts as its default, not as a change
-            changed = diff_specs(spec_to_dict(spec_from_dict(started, self.layout.job)), current)
+            changed = diff_specs(spec_to_dict(started), current)
+            target = started.acquisition.class_target
+            corrected = [c for c in changed if c.split(".")[:2] == ["acquisition", "class_target"]]
+            if corrected and self._unknown_classes(target):
+                changed = [c for c in changed if c not in corrected]
             if changed:
                 raise SpecError(
                     f"{self.layout.job}: the run was started with a different job spec; changed keys: "
                     f"{changed}. Restore them, or give a new storage.uri for a new run"
                 )
-        else:
-            storage.write_bytes(self.layout.job, yaml.safe_dump(current, sort_keys=False).encode())
+            if not corrected:
+                return
+            logger.warning(
+                "%s: acquisition.class_target corrected from %s to %s (the first named classes the pool lacks, "
+                "so no selection used it)", self.layout.job, target, self.job.acquisition.class_target,
+            )  # fmt: skip
+        storage.write_bytes(self.layout.job, yaml.safe_dump(current, sort_keys=False).encode())
+
+    def _unknown_classes(self, target) -> list:
+        """The names of ``target`` (a class target) that are not classes of the pool."""
+        return sorted(set(target) - set(self.pool.classes), key=str) if isinstance(target, dict) else []
 
     # ---- the machine ---------------------------------------------------------------------------------------
     def run(self) -> RunState:
         """Run until the last cycle is evaluated, or until human labels are needed."""
+        self.diversity()  # before any work: a class target naming classes the pool lacks is refused now
         self._freeze_job()
         lease = Lease(self.layout.run)
         lease.acquire()
@@ -398,7 +414,7 @@ class Driver:
         if target == "uniform":
             target = {label: 1.0 for label in range(1, len(self.pool.classes) + 1)}
         elif isinstance(target, dict):
-            unknown = sorted(set(target) - set(self.pool.classes))
+            unknown = self._unknown_classes(target)
             if unknown:
                 raise SpecError(
                     f"acquisition.class_target names {unknown}, not classes of the pool; "

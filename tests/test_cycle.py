@@ -254,7 +254,31 @@ def test_almdn_diverse_keeps_away_from_labelled_scenes_and_reports_classes(demo,
     assert "20 groups of near-duplicates among 40 scored images" in result.output
 
 
-def test_a_class_target_of_unknown_classes_is_refused_with_the_names(demo, tmp_path):
-    spec = job(demo, tmp_path, strategy="almdn_diverse", cycles=2, class_target={"0": 1, "cat": 2})
-    with pytest.raises(SpecError, match=r"\['cat'\].*choose among"):
-        Driver(spec, Recorder().functions()).run()
+def test_a_class_target_of_unknown_classes_is_refused_before_any_work(demo, tmp_path):
+    recorder = Recorder()
+    spec = job(demo, tmp_path, strategy="almdn_diverse", cycles=2, class_target={"0": 1, "sevn": 2})
+    with pytest.raises(SpecError, match=r"acquisition.class_target names \['sevn'\].*choose among"):
+        Driver(spec, recorder.functions()).run()
+    assert recorder.calls == [] and not (tmp_path / "job.yaml").exists()  # nothing trained, nothing frozen
+
+
+def test_a_run_frozen_with_a_misspelt_class_target_resumes_with_the_corrected_one(demo, tmp_path, caplog):
+    corrected = job(demo, tmp_path, strategy="almdn_diverse", cycles=2, class_target={"0": 1, "7": 2})
+    with pytest.raises(RuntimeError, match="worker lost"):
+        Driver(corrected, Recorder(fail_score_once=True).functions()).run()
+    layout = RunLayout(str(tmp_path))
+    frozen = yaml.safe_load(storage.read_bytes(layout.job))
+    frozen["acquisition"]["class_target"] = {"0": 1, "sevn": 2}  # as an older version froze it (it then stopped)
+    storage.write_bytes(layout.job, yaml.safe_dump(frozen, sort_keys=False).encode())
+    other = job(demo, tmp_path, strategy="almdn_diverse", cycles=2, class_target={"0": 1, "7": 2}, budget=7)
+    with pytest.raises(SpecError, match=r"changed keys: \['acquisition.budget'\]"):  # only the target may change
+        Driver(other, Recorder().functions()).run()
+    resumed = Recorder()
+    assert Driver(corrected, resumed.functions()).run().status == "finished"
+    assert resumed.calls[0][0] == "score"  # cycle 0's training and evaluation are kept
+    assert yaml.safe_load(storage.read_bytes(layout.job))["acquisition"]["class_target"] == {"0": 1, "7": 2}
+    assert "acquisition.class_target corrected from {'0': 1, 'sevn': 2}" in caplog.text
+    with pytest.raises(SpecError, match=r"changed keys: \['acquisition.class_target'\]"):  # a valid one may not
+        Driver(
+            job(demo, tmp_path, strategy="almdn_diverse", cycles=2, class_target="uniform"), Recorder().functions()
+        ).run()
