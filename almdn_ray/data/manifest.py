@@ -19,6 +19,7 @@ __all__ = [
     "MANIFEST_SCHEMA", "MARKER", "rows_from_dataset", "rows_from_images", "rows_from_uris", "write_manifest",
     "write_manifest_table", "read_manifest", "read_marker", "write_marker", "is_manifest", "manifest_shards",
     "manifest_rows", "check_unique_ids", "rows_table", "build_image_manifest", "build_image_shard", "dataset_table",
+    "unfinished_build",
 ]  # fmt: skip
 
 MANIFEST_SCHEMA = pa.schema(
@@ -93,6 +94,14 @@ def write_marker(folder: str, shards: list[str], rows: int, **extra) -> None:
     """Commit a manifest folder: its shards (names relative to it) and row count, written last."""
     names = [uri.rsplit("/", 1)[-1] for uri in shards]
     storage.write_json(storage.join(folder, MARKER), {"rows": rows, "shards": names, **extra})
+
+
+def unfinished_build(folder: str) -> str:
+    """Why a manifest folder without its marker is refused, and the fix (``run``, ``pool add``: the same words)."""
+    return (
+        f"{folder} has manifest shards but no {MARKER}: `pool build` did not finish; run the same "
+        "`almdn-ray pool build` again to complete it (it resumes)"
+    )
 
 
 def read_marker(folder: str) -> dict | None:
@@ -208,12 +217,15 @@ def manifest_shards(folder: str) -> list[str]:
 def read_manifest(folder: str, *, ids: Sequence[str] | None = None, columns: Sequence[str] | None = None) -> pa.Table:
     """All shards of a manifest folder as one table, in shard order (only the rows of ``ids`` when given).
 
-    A folder with a marker must hold exactly the rows it counts: a changed pool is an error, not a
-    silently smaller or larger one.
+    A folder without its marker (an unfinished ``pool build``) is refused; one with a marker must hold exactly
+    the rows it counts: a changed pool is an error, not a silently smaller or larger one.
     """
     shards = manifest_shards(folder)
     if not shards:
         raise FileNotFoundError(f"{folder} has no manifest-*.parquet shards; build them with `almdn-ray pool build`")
+    marker = read_marker(folder)
+    if marker is None:
+        raise ValueError(unfinished_build(folder))
     names = list(columns) if columns is not None else MANIFEST_SCHEMA.names
     schema = pa.schema([MANIFEST_SCHEMA.field(n) for n in names])
     wanted = pa.array(list(ids), pa.string()) if ids is not None else None
@@ -227,8 +239,7 @@ def read_manifest(folder: str, *, ids: Sequence[str] | None = None, columns: Seq
         if wanted is not None:
             table = table.filter(pc.is_in(table.column("image_id"), wanted))
         tables.append(table.select(names).cast(schema))
-    marker = read_marker(folder)
-    if marker is not None and rows != marker["rows"]:
+    if rows != marker["rows"]:
         raise ValueError(
             f"{folder}: the shards hold {rows} rows but the manifest's marker ({MARKER}) says {marker['rows']}; "
             "the manifest was changed after it was written: rebuild it"

@@ -16,7 +16,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from almdn_ray.data.manifest import MANIFEST_SCHEMA, MARKER, dataset_table, is_manifest, read_manifest, read_marker
+from almdn_ray.data.manifest import (
+    MANIFEST_SCHEMA,
+    dataset_table,
+    is_manifest,
+    read_manifest,
+    read_marker,
+    unfinished_build,
+)
 from almdn_ray.data.records import DataProblems, Dataset, DatasetError, ImageRecord
 from almdn_ray.data.validate import read_dataset
 
@@ -117,10 +124,7 @@ def load_pool(dataset_spec, *, table: pa.Table | None = None) -> Pool:
     d = dataset_spec
     if is_manifest(d.train):
         if table is None and read_marker(d.train) is None:
-            raise ValueError(
-                f"dataset.train {d.train} has manifest shards but no {MARKER}: `pool build` did not finish; run "
-                "the same `almdn-ray pool build` again to complete it (it resumes)"
-            )
+            raise ValueError(f"dataset.train {unfinished_build(d.train)}")
         rows = table if table is not None else read_manifest(d.train)
         if d.labels is None:
             if not d.classes:
