@@ -200,6 +200,7 @@ def data_demo(
 
 
 RAY_BUILD_FROM_FILES = 50_000  # `pool build` of a folder with more files than this reads headers in Ray tasks
+_ID_PREFIX = "Put this before every image id (e.g. week2/), so that file names may repeat those already in a pool."
 
 
 @pool_app.command("build")
@@ -213,6 +214,7 @@ def pool_build(
     use_ray: bool = typer.Option(
         None, "--ray/--no-ray", help=f"Read image headers in Ray tasks (default: above {RAY_BUILD_FROM_FILES} files)."
     ),
+    id_prefix: str = typer.Option("", "--id-prefix", help=_ID_PREFIX),
 ) -> None:
     """Write the pool manifest (image_id, uri, width, height) as Parquet shards, then its marker.
 
@@ -220,7 +222,13 @@ def pool_build(
     reads only the chunks not written yet. The marker (_MANIFEST.json) is written last; a run refuses a
     manifest without it.
     """
-    from almdn_ray.data.manifest import build_image_manifest, dataset_table, read_marker, write_manifest_table
+    from almdn_ray.data.manifest import (
+        build_image_manifest,
+        dataset_table,
+        prefix_ids,
+        read_marker,
+        write_manifest_table,
+    )
     from almdn_ray.data.records import DatasetError
     from almdn_ray.data.validate import detect_format, read_dataset
 
@@ -246,10 +254,11 @@ def pool_build(
                     rows_per_shard=rows_per_shard,
                     map_chunks=map_chunks,
                     on_chunk=lambda n: [advance() for _ in range(n)],
+                    id_prefix=id_prefix,
                 )
         else:
             table = dataset_table(read_dataset(source, split=split, image_root=image_root))
-            shards = write_manifest_table(table, out, rows_per_shard=rows_per_shard)
+            shards = write_manifest_table(prefix_ids(table, id_prefix), out, rows_per_shard=rows_per_shard)
     except (DatasetError, FileNotFoundError, ValueError, OSError) as error:
         raise _fail(str(error)) from error
     for line in skipped:
@@ -264,6 +273,7 @@ def pool_add(
     split: str = typer.Option(None, help="VOC split (default trainval)."),
     pattern: str = typer.Option("*", help="Image folder: glob of file names to include."),
     image_root: str = typer.Option(None, help="COCO: folder the file_names are relative to."),
+    id_prefix: str = typer.Option("", "--id-prefix", help=_ID_PREFIX),
     endpoint: str = _ENDPOINT,
 ) -> None:
     """Append new images to a run's pool between cycles; the next SCORE stage scores them."""
@@ -282,7 +292,7 @@ def pool_add(
             table = rows_table(list(rows_from_images(source, pattern=pattern)))
         else:
             table = dataset_table(read_dataset(source, split=split, image_root=image_root))
-        added = add_to_pool(run_uri, job, table, source)
+        added = add_to_pool(run_uri, job, table, source, id_prefix=id_prefix)
     except (PoolAddError, LeaseError, DatasetError, FileNotFoundError, ValueError, OSError) as error:
         raise _fail(str(error)) from error
     typer.echo(f"added {added['rows']} images to the pool (now {added['pool']}); the next SCORE stage scores them")

@@ -19,7 +19,7 @@ __all__ = [
     "MANIFEST_SCHEMA", "MARKER", "rows_from_dataset", "rows_from_images", "rows_from_uris", "write_manifest",
     "write_manifest_table", "read_manifest", "read_marker", "write_marker", "is_manifest", "manifest_shards",
     "manifest_rows", "check_unique_ids", "rows_table", "build_image_manifest", "build_image_shard", "dataset_table",
-    "unfinished_build",
+    "prefix_ids", "unfinished_build",
 ]  # fmt: skip
 
 MANIFEST_SCHEMA = pa.schema(
@@ -34,6 +34,15 @@ def rows_table(rows: Sequence[Row]) -> pa.Table:
     return pa.Table.from_arrays(
         [pa.array(c, type=f.type) for c, f in zip(columns, MANIFEST_SCHEMA)], schema=MANIFEST_SCHEMA
     )
+
+
+def prefix_ids(table: pa.Table, prefix: str) -> pa.Table:
+    """``table`` with ``prefix`` put before every image id (``""``: unchanged), e.g. ``week2/`` so that a new
+    batch of files may repeat the names of earlier ones."""
+    if not prefix:
+        return table
+    ids = pc.binary_join_element_wise(prefix, table.column("image_id"), "")
+    return table.set_column(table.schema.get_field_index("image_id"), "image_id", ids)
 
 
 def dataset_table(dataset: Dataset) -> pa.Table:
@@ -259,24 +268,33 @@ def manifest_rows(folder: str) -> int:
 PLAN = "_LISTING.parquet"  # the sorted file list of a build, written first: a resumed build cuts the same chunks
 
 
-def plan_image_build(folder: str, out: str, *, pattern: str = "*") -> list[str]:
-    """The image files a ``pool build`` of ``folder`` reads, listed once and kept in ``out`` so that a resumed
-    build (even after files were added) writes the same shards."""
+def plan_image_build(folder: str, out: str, *, pattern: str = "*", id_prefix: str = "") -> list[str]:
+    """The image files a ``pool build`` of ``folder`` reads, listed once and kept in ``out`` (with the build's
+    ``id_prefix``) so that a resumed build (even after files were added) writes the same shards."""
     plan_uri = storage.join(out, PLAN)
     if storage.exists(plan_uri):
-        return storage.read_parquet(plan_uri).column("uri").to_pylist()
+        plan = storage.read_parquet(plan_uri)
+        started = (plan.schema.metadata or {}).get(b"id_prefix", b"").decode()
+        if started != id_prefix:
+            raise ValueError(
+                f"{out}: this build was started with --id-prefix {started!r}; give the same to resume it (or delete "
+                f"{out} to build it anew)"
+            )
+        return plan.column("uri").to_pylist()
     uris = [u for u in storage.list_files(folder, pattern=pattern) if u.lower().endswith(IMAGE_SUFFIXES)]
     if not uris:
         raise ValueError(f"no images under {folder} match {pattern!r}; check the folder and --pattern")
-    storage.write_parquet(plan_uri, pa.table({"uri": pa.array(uris, pa.string())}))
+    plan = pa.table({"uri": pa.array(uris, pa.string())}).replace_schema_metadata({"id_prefix": id_prefix})
+    storage.write_parquet(plan_uri, plan)
     return uris
 
 
-def build_image_shard(folder: str, uris: Sequence[str], shard_uri: str) -> list[str]:
-    """Read the headers of ``uris`` (files under ``folder``) into one manifest shard; returns what was skipped."""
+def build_image_shard(folder: str, uris: Sequence[str], shard_uri: str, id_prefix: str = "") -> list[str]:
+    """Read the headers of ``uris`` (files under ``folder``) into one manifest shard, ids after ``id_prefix``;
+    returns what was skipped."""
     skipped: list[str] = []
     rows = list(rows_from_uris(folder, uris, skipped=skipped))
-    storage.write_parquet(shard_uri, rows_table(rows))
+    storage.write_parquet(shard_uri, prefix_ids(rows_table(rows), id_prefix))
     return skipped
 
 
@@ -288,6 +306,7 @@ def build_image_manifest(
     rows_per_shard: int = 10_000,
     map_chunks: Callable[[Callable, list], Iterable] | None = None,
     on_chunk: Callable[[int], None] | None = None,
+    id_prefix: str = "",
 ) -> tuple[list[str], list[str]]:
     """``pool build`` of an image folder: one shard per chunk of files, chunks already written are kept (a
     resumed build reads only the rest), the marker last.
@@ -296,6 +315,7 @@ def build_image_manifest(
         map_chunks: ``map_chunks(function, args)`` runs ``function(*a)`` for each chunk's ``a`` and yields the
             results in order (the CLI passes Ray tasks for a large pool); default: one after another here.
         on_chunk: called with the number of files of each finished chunk.
+        id_prefix: put before every image id (a resumed build must give the same).
 
     Returns:
         The shard URIs and the files skipped (unreadable headers).
@@ -303,10 +323,10 @@ def build_image_manifest(
     if read_marker(out) is not None:
         marker = read_marker(out)
         return [storage.join(out, n) for n in marker["shards"]], list(marker.get("skipped", []))
-    uris = plan_image_build(folder, out, pattern=pattern)
+    uris = plan_image_build(folder, out, pattern=pattern, id_prefix=id_prefix)
     chunks = [uris[i : i + rows_per_shard] for i in range(0, len(uris), rows_per_shard)]
     shard_uris = [storage.join(out, _shard_name(n)) for n in range(len(chunks))]
-    todo = [(folder, chunk, uri) for chunk, uri in zip(chunks, shard_uris) if not storage.exists(uri)]
+    todo = [(folder, chunk, uri, id_prefix) for chunk, uri in zip(chunks, shard_uris) if not storage.exists(uri)]
     if len(todo) < len(chunks):
         logger.info("%s: %d of %d shards already written; reading the rest", out, len(chunks) - len(todo), len(chunks))
     skipped: list[str] = []

@@ -82,3 +82,23 @@ def test_a_null_or_empty_image_id_is_refused_with_its_row(tmp_path):
     table = pa.table({"image_id": ["a", None], "uri": ["a.png", "b.png"], "width": [1, 1], "height": [1, 1]})
     with pytest.raises(ValueError, match=r"row\(s\) \[1\] have no image_id"):
         write_manifest_table(table, str(tmp_path / "pool"))
+
+
+def test_pool_build_puts_an_id_prefix_before_every_id_and_a_resume_keeps_it(tmp_path):
+    from almdn_ray.data.manifest import build_image_manifest, plan_image_build
+
+    for name in ("a.png", "sub/b.png"):
+        (tmp_path / "imgs" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "imgs" / name).write_bytes(encode_image(random_image(8, 6)))
+    result = runner.invoke(app, ["pool", "build", str(tmp_path / "imgs"), str(tmp_path / "p"), "--id-prefix", "cam2/"])
+    assert result.exit_code == 0, result.output
+    assert read_manifest(str(tmp_path / "p")).column("image_id").to_pylist() == ["cam2/a", "cam2/sub/b"]
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 8, "height": 6}], "annotations": [], "categories": []}
+    (tmp_path / "imgs" / "split.json").write_text(json.dumps(coco))
+    result = runner.invoke(app, ["pool", "build", str(tmp_path / "imgs" / "split.json"), str(tmp_path / "q"),
+                                 "--id-prefix", "w1/"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert read_manifest(str(tmp_path / "q")).column("image_id").to_pylist() == ["w1/1"]
+    plan_image_build(str(tmp_path / "imgs"), str(tmp_path / "r"))  # a build started without a prefix
+    with pytest.raises(ValueError, match=r"was started with --id-prefix ''; give the same"):
+        build_image_manifest(str(tmp_path / "imgs"), str(tmp_path / "r"), id_prefix="cam2/")
