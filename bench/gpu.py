@@ -23,6 +23,7 @@ script exits 0. Parts b, d and e use the demo data (``--demo``) when it is there
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import platform
 import shutil
@@ -448,6 +449,7 @@ def part_pipeline(args, deadline: Deadline) -> None:
     ray.init(address="local", num_cpus=os.cpu_count(), num_gpus=gpus, include_dashboard=False, log_to_driver=False,
              logging_level="ERROR")  # fmt: skip
     ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # its per-dataset INFO lines, in the table
     try:
         print("| batch | pipeline img/s | GPU busy % | detections/img | bare bf16 forward img/s | pipeline / forward |")
         print("|---|---|---|---|---|---|")
@@ -542,7 +544,8 @@ def part_run(args, deadline: Deadline) -> None:
     )
     job_file = args.workdir / "gpu-run.yaml"
     job_file.write_text(yaml.safe_dump(data, sort_keys=False))
-    print(f"e: quickstart job, use_gpu: true, {args.run_cycles} cycles of {iterations} iterations: {job_file}")
+    gpu = str(data["resources"]["use_gpu"]).lower()
+    print(f"e: quickstart job, use_gpu: {gpu}, {args.run_cycles} cycles of {iterations} iterations: {job_file}")
     log = args.workdir / "run.log"
     start = time.perf_counter()
     with open(log, "w") as stream:
