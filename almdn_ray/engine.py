@@ -14,7 +14,14 @@ from almdn_ray.model.detector import SSDGMM
 from almdn_ray.model.embeddings import Embedder
 from almdn_ray.model.gmm_head import MixtureOutputs, enable_dropout
 from almdn_ray.model.loss import LossTerms, MultiboxMixtureLoss
-from almdn_ray.model.postprocess import CommitteeDetections, Detections, PostprocessConfig, committee, postprocess
+from almdn_ray.model.postprocess import (
+    BatchCommittee,
+    CommitteeDetections,
+    Detections,
+    PostprocessConfig,
+    postprocess,
+)
+from almdn_ray.model.postprocess import committee_batch as _committee_rows
 
 logger = logging.getLogger(__name__)
 
@@ -29,6 +36,7 @@ __all__ = [
     "predict",
     "predict_embedded",
     "predict_committee",
+    "committee_batch",
 ]
 
 Batch = tuple[Tensor, list[dict[str, Tensor]]]  # images [B, 3, H, W] in [0, 1], per-image targets
@@ -186,7 +194,7 @@ def _predict(model, images, config, batch_size, device, variances, bf16, embedde
         if embedder is not None:
             image_rows.append(embedder.images(features).cpu())
             object_rows.extend(embedder.objects(features, [d.boxes for d in detections], batch.shape[-1]))
-        results.extend(Detections(*(t.cpu() for t in d)) for d in detections)
+        results.extend(detections)  # on the CPU already
     if embedder is None:
         return results, None, []
     dims = embedder.dims
@@ -203,7 +211,23 @@ def predict_committee(
     variances: tuple[float, float] = (0.1, 0.2),
     bf16: bool = False,
 ) -> list[CommitteeDetections]:
-    """Committee detections of one batch: every model, ``passes`` times each, on the first model's device.
+    """Committee detections of one batch per image, on the CPU: :func:`committee_batch`, split."""
+    found = committee_batch(models, images, passes=passes, config=config, variances=variances, bf16=bf16)
+    return found.split(images.shape[0])
+
+
+@torch.no_grad()
+def committee_batch(
+    models: Sequence[SSDGMM],
+    images: Tensor,
+    *,
+    passes: int = 1,
+    config: PostprocessConfig = PostprocessConfig(),
+    variances: tuple[float, float] = (0.1, 0.2),
+    bf16: bool = False,
+) -> BatchCommittee:
+    """Committee detections of one batch: every model, ``passes`` times each, on the first model's device
+    (flat rows that stay there).
 
     An ensemble is several models with ``passes=1`` (eval mode); MC dropout is one model with ``passes=T``
     and its dropout layers on (BatchNorm stays in eval mode). The models are left in eval mode.
@@ -222,7 +246,6 @@ def predict_committee(
     finally:
         for model in models:
             model.eval()
-    detections = committee(
+    return _committee_rows(
         members, box_coder=make_box_coder(variances), image_size=tuple(images.shape[-2:]), config=config
     )
-    return [CommitteeDetections(*(t.cpu() for t in d)) for d in detections]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import time
 from collections.abc import Sequence
 
@@ -20,9 +21,10 @@ from torchvision.transforms import v2
 
 from almdn_ray import acquisition, engine, storage
 from almdn_ray.data.images import ImageReadError, read_image
+from almdn_ray.model.anchors import make_box_coder
 from almdn_ray.model.detector import SSDGMM, ModelSpec
 from almdn_ray.model.embeddings import Embedder
-from almdn_ray.model.postprocess import PostprocessConfig
+from almdn_ray.model.postprocess import PostprocessConfig, image_summaries, postprocess_batch, rows_per_image
 
 # The reduce side lives in almdn_ray.reduce (no torch); re-exported here for callers of the map side.
 from almdn_ray.reduce import MAX_OBJECT_EMBEDDINGS, SCORE_SCHEMA, read_scores, select_from_scores
@@ -95,46 +97,27 @@ def score_images(
     pixels, errors = decoded if decoded is not None else decode_images(uris, model.image_size)
     errors = [None if e is None or e != e else str(e) for e in errors]  # Arrow may hand back NaN for null
     readable = np.asarray([i for i, e in enumerate(errors) if e is None], np.int64)
-    device = next(model.parameters()).device
-    batch = None
-    if len(readable):
-        batch = torch.from_numpy(np.ascontiguousarray(pixels[readable])).to(device, non_blocking=True)
-        batch = batch.float().div_(255.0)  # as ToDtype(float32, scale=True)
-    detections, embedded, objects = [], None, []
-    if len(readable) and embedder is not None:
-        detections, embedded, objects = engine.predict_embedded(
-            model, batch, embedder, config=config, batch_size=len(readable), bf16=bf16
-        )
-    elif len(readable):
-        detections = engine.predict(model, batch, config=config, batch_size=len(readable), bf16=bf16)
-    index, values, entropy = acquisition.detection_values(detections)
-    committee = None
-    if len(readable) and (members or mc_passes > 1):
-        models, passes = ([model, *members], 1) if members else ([model], mc_passes)
-        voted = engine.predict_committee(models, batch, passes=passes, config=config, bf16=bf16)
-        counts = [len(d.scores) for d in voted]
-        c_values = np.zeros((0, 2))
-        if sum(counts):
-            c_values = np.stack(
-                [np.concatenate([d.cls_mi.numpy() for d in voted]), np.concatenate([d.loc_var.numpy() for d in voted])],
-                axis=1,
-            ).astype(np.float64)
-        committee = (readable[np.repeat(np.arange(len(voted)), counts)], c_values)
-    summary = acquisition.summarize(readable[index], values, len(image_ids), entropy, committee)
+    empty = acquisition.summarize(np.zeros(0, np.int64), np.zeros((0, len(acquisition.TERMS))), len(image_ids))
+    rows = {k: v.astype(np.int64 if k in _INT_COLUMNS else np.float64) for k, v in empty.items()}  # no detection
     top_class = np.full(len(image_ids), -1, np.int64)
     image_bytes = np.full(len(image_ids), None, dtype=object)
     object_bytes = np.full(len(image_ids), None, dtype=object)
-    for position, found in zip(readable, detections):
-        if len(found.labels):
-            top_class[position] = int(found.labels[0])  # detections are sorted by score
-    if embedded is not None:
-        for j, position in enumerate(readable):
-            image_bytes[position] = embedded[j].numpy().astype(np.float16).tobytes()
-            object_bytes[position] = objects[j][:MAX_OBJECT_EMBEDDINGS].numpy().astype(np.float16).tobytes()
+    if len(readable):
+        device = next(model.parameters()).device
+        batch = upload(np.ascontiguousarray(pixels[readable]), device)
+        columns, embedded = _device_rows(model, batch, config, bf16, embedder, members, mc_passes)
+        top_class[readable] = columns.pop("top_class")
+        for name, values in columns.items():
+            rows[name][readable] = values
+        if embedded is not None:
+            image_rows, object_rows, counts = embedded
+            for j, (position, objects) in enumerate(zip(readable, np.split(object_rows, np.cumsum(counts)[:-1]))):
+                image_bytes[position] = image_rows[j].tobytes()
+                object_bytes[position] = objects.tobytes()
     seconds = (time.perf_counter() - start) / max(len(image_ids), 1)
     return {
         "image_id": np.asarray(image_ids, dtype=object),
-        **summary,
+        **rows,
         "top_class": top_class,
         "embedding": image_bytes,
         "det_embedding": object_bytes,
@@ -142,6 +125,57 @@ def score_images(
         "error": np.asarray(errors, dtype=object),
         "worker": np.full(len(image_ids), worker, dtype=object),
     }
+
+
+def upload(pixels: np.ndarray, device: torch.device) -> torch.Tensor:
+    """``[N, 3, S, S]`` uint8 -> float in [0, 1] on ``device`` (as ``ToDtype(float32, scale=True)``): on CUDA
+    from pinned memory with a non-blocking copy, converted on the device (a quarter of the bytes cross)."""
+    host = torch.from_numpy(pixels)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True).float().div_(255.0)
+
+
+def _device_rows(model, batch, config, bf16, embedder, members, mc_passes):
+    """The summary columns of a batch of readable images, computed on the model's device and copied to the
+    host once: ``({column: [N] numpy}, embeddings or None)``. No loop over the images."""
+    box_coder = make_box_coder()
+    image_size = tuple(batch.shape[-2:])
+    num = batch.shape[0]
+    if embedder is None:
+        outputs, features = engine.forward(model, batch, bf16=bf16), None
+    else:
+        outputs, features = engine.forward(model, batch, bf16=bf16, with_features=True)
+    found = postprocess_batch(outputs, box_coder=box_coder, image_size=image_size, config=config)
+    values = torch.stack([found.loc_al, found.loc_ep, found.cls_al, found.cls_ep], dim=1)  # [M, 4]
+    device_columns = image_summaries(found.image, values, num, acquisition.TERMS)
+    counts = rows_per_image(found.image, num)
+    device_columns["n_det"] = counts
+    entropy_max = torch.full((num,), -math.inf, dtype=torch.float64, device=batch.device)
+    device_columns["entropy_max"] = entropy_max.scatter_reduce(0, found.image, found.entropy.double(), reduce="amax")
+    first = (counts.cumsum(0) - counts).clamp(max=max(found.labels.numel() - 1, 0))  # rows sort by image, score
+    labels = found.labels if found.labels.numel() else torch.zeros(1, dtype=torch.long, device=batch.device)
+    device_columns["top_class"] = torch.where(counts > 0, labels[first], -1)
+    if members or mc_passes > 1:
+        models, passes = ([model, *members], 1) if members else ([model], mc_passes)
+        voted = engine.committee_batch(models, batch, passes=passes, config=config, bf16=bf16)
+        c_values = torch.stack([voted.cls_mi, voted.loc_var], dim=1)
+        device_columns.update(image_summaries(voted.image, c_values, num, acquisition.COMMITTEE_TERMS))
+        device_columns["committee_n"] = rows_per_image(voted.image, num)
+    names = list(device_columns)
+    packed = torch.stack([device_columns[n].double() for n in names], dim=1).cpu().numpy()  # the one copy back
+    columns = {n: packed[:, j].astype(np.int64) if n in _INT_COLUMNS else packed[:, j] for j, n in enumerate(names)}
+    if embedder is None:
+        return columns, None
+    rank = torch.arange(found.image.numel(), device=batch.device) - (counts.cumsum(0) - counts)[found.image]
+    chosen = rank < embedder.max_objects  # the first (most confident) detections of each image
+    objects = embedder.objects_flat(features, found.image[chosen], found.boxes[chosen], batch.shape[-1])
+    image_rows = embedder.images(features).half().cpu().numpy()
+    per_image = counts.clamp(max=embedder.max_objects).cpu().numpy()
+    return columns, (image_rows, objects.half().cpu().numpy(), per_image)
+
+
+_INT_COLUMNS = ("n_det", "committee_n", "top_class")
 
 
 @torch.no_grad()

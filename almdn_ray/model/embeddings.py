@@ -57,13 +57,23 @@ class Embedder:
         maps, then projected."""
         boxes = [b[: self.max_objects] for b in boxes]
         counts = [len(b) for b in boxes]
-        if sum(counts) == 0:
-            return [torch.zeros(0, self.dims) for _ in boxes]
         device = features[0].device
-        rois = [b.to(device=device, dtype=torch.float32) for b in boxes]
+        image = torch.repeat_interleave(torch.arange(len(boxes), device=device), torch.tensor(counts, device=device))
+        rows = torch.cat([b.to(device=device, dtype=torch.float32) for b in boxes]) if boxes else None
+        if rows is None or sum(counts) == 0:
+            return [torch.zeros(0, self.dims) for _ in boxes]
+        return list(self.objects_flat(features, image, rows, image_size).cpu().split(counts))
+
+    @torch.no_grad()
+    def objects_flat(self, features: Sequence[Tensor], image: Tensor, boxes: Tensor, image_size: int) -> Tensor:
+        """``[N, dims]``: the boxes ``[N, 4]`` (xyxy, input pixels) of images ``image [N]`` RoI-aligned (2x2,
+        averaged) on the finest ``object_levels`` maps, then projected; on the features' device, no host sync."""
+        if boxes.shape[0] == 0:
+            return torch.zeros(0, self.dims, device=boxes.device)
+        rois = torch.cat([image[:, None].to(torch.float32), boxes.to(torch.float32)], dim=1)  # [N, 5]
         pooled = []
         for level in features[: self.object_levels]:
             scale = level.shape[-1] / image_size
             aligned = roi_align(level.float(), rois, output_size=2, spatial_scale=scale, sampling_ratio=2, aligned=True)
             pooled.append(aligned.mean(dim=(2, 3)))
-        return list(self._project(pooled, "object").cpu().split(counts))
+        return self._project(pooled, "object")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -9,12 +10,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 from torchvision.models.detection._utils import BoxCoder
-from torchvision.ops import batched_nms, clip_boxes_to_image
+from torchvision.ops import batched_nms, clip_boxes_to_image, nms
 
 from almdn_ray import mdn
 from almdn_ray.model.gmm_head import MixtureOutputs
 
-__all__ = ["PostprocessConfig", "Detections", "postprocess", "CommitteeDetections", "committee"]
+__all__ = [
+    "PostprocessConfig", "Detections", "BatchDetections", "postprocess", "postprocess_batch", "postprocess_reference",
+    "detect_batch", "image_summaries", "rows_per_image", "CommitteeDetections", "BatchCommittee", "committee",
+    "committee_batch",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -62,36 +67,154 @@ class Detections(NamedTuple):
     entropy: Tensor
 
 
-def _rank_in_class(labels: Tensor, num_classes: int) -> Tensor:
-    """0-based rank of each entry among the entries of its label, for a list already sorted by score."""
-    order = torch.argsort(labels, stable=True)  # groups labels, keeps score order inside a group
-    counts = torch.bincount(labels, minlength=num_classes)
+def _entropy(p: Tensor) -> Tensor:
+    return -(p * p.clamp(min=1e-12).log()).sum(dim=-1)
+
+
+def _rank_in_group(groups: Tensor, num_groups: int) -> Tensor:
+    """0-based rank of each entry among the entries of its group, for a list already sorted by score.
+
+    ``groups [N]`` in ``[0, num_groups)``; no host sync (the group counts have a size known on the host)."""
+    order = torch.argsort(groups, stable=True)  # groups entries, keeps score order inside a group
+    counts = rows_per_image(groups, num_groups)
     starts = counts.cumsum(0) - counts
-    rank = torch.empty_like(labels)
-    rank[order] = torch.arange(labels.numel(), device=labels.device) - starts[labels[order]]
+    rank = torch.empty_like(groups)
+    rank[order] = torch.arange(groups.numel(), device=groups.device) - starts[groups[order]]
     return rank
 
 
-def _detect(boxes: Tensor, probs: Tensor, config: PostprocessConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """Candidates, optional per-class top-k, per-class NMS for one image.
+# Candidates per NMS call: above this, the batch's candidates are cut at group boundaries into calls of about
+# this size. One call with coordinate offsets compares every kept box with every later candidate, so its
+# arithmetic grows with the square of the call's size; torchvision's batched_nms switches to one call per class
+# at the same sizes (4,000 coordinates on CPU, 100,000 on CUDA).
+NMS_CHUNK = {"cpu": 1_000, "cuda": 25_000}
 
-    Args: ``boxes [A, 4]`` decoded, ``probs [A, C]`` class probabilities (background first).
-    Returns: ``(anchor_idx, labels, scores)`` of the kept detections, sorted by score.
+
+def _grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou: float, num_groups: int, span: float) -> Tensor:
+    """Greedy NMS inside each group, for all groups of a batch at once.
+
+    Args: ``boxes [N, 4]`` xyxy within ``[0, span)``, ``scores [N]``, ``groups [N]`` in ``[0, num_groups)``.
+    Returns: indices of the kept entries, by score (highest first; ties in input order).
     """
-    num_classes = probs.shape[-1]
-    foreground = probs[:, 1:]  # [A, C-1]
+    if scores.numel() == 0:
+        return torch.zeros(0, dtype=torch.long, device=scores.device)
+    # Each group moved to its own square; float64 keeps the offset coordinates exact to ~1e-9 pixel.
+    shifted = boxes.double() + (groups.double() * span)[:, None]
+    limit = NMS_CHUNK.get(boxes.device.type, NMS_CHUNK["cuda"])
+    if scores.numel() <= limit:
+        kept = nms(shifted, scores.double(), iou)
+    else:
+        order = torch.argsort(groups, stable=True)
+        counts = rows_per_image(groups, num_groups)
+        parts, start, size = [], 0, 0
+        for count in counts.tolist() + [limit]:  # one host copy; the sentinel closes the last call
+            if size and size + count > limit:
+                chunk = order[start : start + size]
+                parts.append(chunk[nms(shifted[chunk], scores[chunk].double(), iou)])
+                start, size = start + size, 0
+            size += count
+        kept = torch.cat(parts)
+    kept = kept.sort().values  # ties in input order, then by score
+    return kept[scores[kept].argsort(descending=True, stable=True)]
+
+
+def detect_batch(
+    boxes: Tensor, probs: Tensor, image_size: tuple[int, int], config: PostprocessConfig
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Candidates, optional per-class top-k and per-class NMS for a whole batch, on its device.
+
+    Args: ``boxes [B, A, 4]`` decoded and clipped, ``probs [B, A, C]`` class probabilities (background first).
+    Returns: ``(image, anchor, labels, scores)``, each ``[M]``: the kept detections of every image, sorted by
+    image, then by score (highest first; ties in anchor, then class order).
+    """
+    batch, _, num_classes = probs.shape
+    foreground = probs[..., 1:]  # [B, A, C-1]
+    # A box below min_confidence can only suppress lower-scored boxes, so filtering before NMS is exact.
     keep = (foreground > config.score_threshold) & (foreground >= config.min_confidence)
-    anchor_idx, class_idx = keep.nonzero(as_tuple=True)
+    image, anchor, class_idx = keep.nonzero(as_tuple=True)  # the batch's one unavoidable size sync
     labels = class_idx + 1
-    scores = foreground[anchor_idx, class_idx]
+    scores = foreground[image, anchor, class_idx]
+    groups = image * num_classes + labels  # one NMS group per (image, class)
+    num_groups = batch * num_classes
     if config.pre_nms_top_k is not None:
         order = scores.argsort(descending=True, stable=True)
-        order = order[_rank_in_class(labels[order], num_classes) < config.pre_nms_top_k]
-        anchor_idx, labels, scores = anchor_idx[order], labels[order], scores[order]
-    # A box below min_confidence can only suppress lower-scored boxes, so filtering before NMS is exact.
-    kept = batched_nms(boxes[anchor_idx], scores, labels, config.nms_iou)  # sorted by score
-    kept = kept[_rank_in_class(labels[kept], num_classes) < config.max_per_class]
-    return anchor_idx[kept], labels[kept], scores[kept]
+        order = order[_rank_in_group(groups[order], num_groups) < config.pre_nms_top_k]
+        image, anchor, labels, scores, groups = image[order], anchor[order], labels[order], scores[order], groups[order]
+    span = float(max(image_size)) + 1.0  # boxes are clipped to the image
+    kept = _grouped_nms(boxes[image, anchor], scores, groups, config.nms_iou, num_groups, span)
+    kept = kept[_rank_in_group(groups[kept], num_groups) < config.max_per_class]
+    kept = kept[torch.argsort(image[kept], stable=True)]  # by image, score order kept inside
+    return image[kept], anchor[kept], labels[kept], scores[kept]
+
+
+class BatchDetections(NamedTuple):
+    """Detections of a batch of images as flat rows on the batch's device, sorted by image, then by score
+    (highest first). ``image [M]`` is each row's image in the batch; the other fields are those of
+    :class:`Detections`, ``[M, 4]`` or ``[M]``."""
+
+    image: Tensor
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    loc_al: Tensor
+    loc_ep: Tensor
+    cls_al: Tensor
+    cls_ep: Tensor
+    entropy: Tensor
+
+    def split(self, num_images: int) -> list[Detections]:
+        """Per-image :class:`Detections` on the CPU (one host copy of the counts)."""
+        return [Detections(*parts) for parts in _split_rows(self, num_images)]
+
+
+def rows_per_image(image: Tensor, num_images: int) -> Tensor:
+    """``[num_images]`` how many of the rows ``image [M]`` belong to each image (no host sync, unlike
+    ``bincount`` on CUDA)."""
+    counts = torch.zeros(num_images, dtype=torch.long, device=image.device)
+    return counts.index_add_(0, image, torch.ones_like(image))
+
+
+def _split_rows(rows: tuple[Tensor, ...], num_images: int):
+    """Per image, the fields after ``rows[0]`` (the image of each row, sorted) on the CPU."""
+    sizes = rows_per_image(rows[0], num_images).tolist()
+    return zip(*(t.cpu().split(sizes) for t in rows[1:]))
+
+
+def postprocess_batch(
+    outputs: MixtureOutputs,
+    *,
+    box_coder: BoxCoder,
+    image_size: tuple[int, int],
+    config: PostprocessConfig = PostprocessConfig(),
+) -> BatchDetections:
+    """Decode the mixture means, run per-class NMS and attach the uncertainties, for the whole batch at once
+    on its device (no loop over images; a fixed handful of host syncs whatever the batch size).
+
+    Args:
+        outputs: a batch of B images' head outputs.
+        box_coder: the encoding the model was trained with.
+        image_size: ``(H, W)`` of the input, for clipping.
+    """
+    loc_mean, loc_al, loc_ep = mdn.localization_moments(outputs.loc_mu, outputs.loc_sigma_logit, outputs.loc_pi_logit)
+    probs, cls_al, cls_ep = mdn.classification_moments(
+        outputs.cls_logits, outputs.cls_sigma_logit, outputs.cls_pi_logit
+    )  # each [B, A, C]
+    batch, num_anchors = loc_mean.shape[:2]
+    boxes = box_coder.decode_single(loc_mean.reshape(-1, 4), outputs.anchors.repeat(batch, 1))
+    boxes = clip_boxes_to_image(boxes, image_size).view(batch, num_anchors, 4)  # [B, A, 4]
+    image, anchor, labels, scores = detect_batch(boxes, probs, image_size, config)
+    p = probs[image, anchor]  # [M, C]
+    return BatchDetections(
+        image=image,
+        boxes=boxes[image, anchor],
+        scores=scores,
+        labels=labels,
+        loc_al=loc_al[image, anchor].amax(dim=-1),
+        loc_ep=loc_ep[image, anchor].amax(dim=-1),
+        cls_al=cls_al[image, anchor, labels],
+        cls_ep=cls_ep[image, anchor, labels],
+        entropy=_entropy(p),
+    )
 
 
 def postprocess(
@@ -101,26 +224,58 @@ def postprocess(
     image_size: tuple[int, int],
     config: PostprocessConfig = PostprocessConfig(),
 ) -> list[Detections]:
-    """Decode the mixture means, run per-class NMS per image and attach the uncertainties.
+    """:func:`postprocess_batch`, split per image: B :class:`Detections` on the CPU."""
+    found = postprocess_batch(outputs, box_coder=box_coder, image_size=image_size, config=config)
+    return found.split(outputs.loc_mu.shape[0])
 
-    Args:
-        outputs: a batch of B images' head outputs.
-        box_coder: the encoding the model was trained with.
-        image_size: ``(H, W)`` of the input, for clipping.
 
-    Returns:
-        B :class:`Detections`.
+def image_summaries(image: Tensor, values: Tensor, num_images: int, names: Sequence[str]) -> dict[str, Tensor]:
+    """Per-image ``{name}_max`` (``-inf`` without rows), ``_sum`` and ``_sumsq`` of each column, on the rows'
+    device in float64: :func:`almdn_ray.acquisition.summarize` for rows that never leave the device.
+
+    Args: ``image [M]`` in ``[0, num_images)``, ``values [M, T]``, ``names`` T column names.
     """
+    values = values.double()
+    out = {}
+    for j, name in enumerate(names):
+        column = values[:, j]
+        maxima = torch.full((num_images,), -math.inf, dtype=torch.float64, device=values.device)
+        out[f"{name}_max"] = maxima.scatter_reduce(0, image, column, reduce="amax")
+        zeros = torch.zeros(num_images, dtype=torch.float64, device=values.device)
+        out[f"{name}_sum"] = zeros.index_add(0, image, column)
+        out[f"{name}_sumsq"] = zeros.index_add(0, image, column * column)
+    return out
+
+
+def postprocess_reference(
+    outputs: MixtureOutputs,
+    *,
+    box_coder: BoxCoder,
+    image_size: tuple[int, int],
+    config: PostprocessConfig = PostprocessConfig(),
+) -> list[Detections]:
+    """The per-image form of :func:`postprocess` (a Python loop over the images, torchvision's
+    ``batched_nms`` per image): the definition the batched path is tested and benchmarked against."""
     loc_mean, loc_al, loc_ep = mdn.localization_moments(outputs.loc_mu, outputs.loc_sigma_logit, outputs.loc_pi_logit)
     probs, cls_al, cls_ep = mdn.classification_moments(
         outputs.cls_logits, outputs.cls_sigma_logit, outputs.cls_pi_logit
-    )  # each [B, A, C]
+    )
     loc_al_max, loc_ep_max = loc_al.amax(dim=-1), loc_ep.amax(dim=-1)  # [B, A]
+    num_classes = probs.shape[-1]
     results = []
     for i in range(probs.shape[0]):
         boxes = clip_boxes_to_image(box_coder.decode_single(loc_mean[i], outputs.anchors), image_size)
-        anchor_idx, labels, scores = _detect(boxes, probs[i], config)
-        p = probs[i, anchor_idx]  # [D, C]
+        foreground = probs[i, :, 1:]
+        keep = (foreground > config.score_threshold) & (foreground >= config.min_confidence)
+        anchor_idx, class_idx = keep.nonzero(as_tuple=True)
+        labels, scores = class_idx + 1, foreground[anchor_idx, class_idx]
+        if config.pre_nms_top_k is not None:
+            order = scores.argsort(descending=True, stable=True)
+            order = order[_rank_in_group(labels[order], num_classes) < config.pre_nms_top_k]
+            anchor_idx, labels, scores = anchor_idx[order], labels[order], scores[order]
+        kept = batched_nms(boxes[anchor_idx], scores, labels, config.nms_iou)
+        kept = kept[_rank_in_group(labels[kept], num_classes) < config.max_per_class]
+        anchor_idx, labels, scores = anchor_idx[kept], labels[kept], scores[kept]
         results.append(
             Detections(
                 boxes=boxes[anchor_idx],
@@ -130,7 +285,7 @@ def postprocess(
                 loc_ep=loc_ep_max[i, anchor_idx],
                 cls_al=cls_al[i, anchor_idx, labels],
                 cls_ep=cls_ep[i, anchor_idx, labels],
-                entropy=-(p * p.clamp(min=1e-12).log()).sum(dim=-1),
+                entropy=_entropy(probs[i, anchor_idx]),
             )
         )
     return results
@@ -152,8 +307,19 @@ class CommitteeDetections(NamedTuple):
     loc_var: Tensor
 
 
-def _entropy(p: Tensor) -> Tensor:
-    return -(p * p.clamp(min=1e-12).log()).sum(dim=-1)
+class BatchCommittee(NamedTuple):
+    """:class:`CommitteeDetections` of a batch as flat rows (``image [M]`` first), as :class:`BatchDetections`."""
+
+    image: Tensor
+    boxes: Tensor
+    scores: Tensor
+    labels: Tensor
+    cls_mi: Tensor
+    loc_var: Tensor
+
+    def split(self, num_images: int) -> list[CommitteeDetections]:
+        """Per-image :class:`CommitteeDetections` on the CPU (one host copy of the counts)."""
+        return [CommitteeDetections(*parts) for parts in _split_rows(self, num_images)]
 
 
 def committee(
@@ -163,7 +329,20 @@ def committee(
     image_size: tuple[int, int],
     config: PostprocessConfig = PostprocessConfig(),
 ) -> list[CommitteeDetections]:
-    """Detections and their disagreement from T >= 2 predictions of the same batch (same anchors).
+    """:func:`committee_batch`, split per image (on the CPU)."""
+    found = committee_batch(members, box_coder=box_coder, image_size=image_size, config=config)
+    return found.split(members[0].loc_mu.shape[0])
+
+
+def committee_batch(
+    members: Sequence[MixtureOutputs],
+    *,
+    box_coder: BoxCoder,
+    image_size: tuple[int, int],
+    config: PostprocessConfig = PostprocessConfig(),
+) -> BatchCommittee:
+    """Detections and their disagreement from T >= 2 predictions of the same batch (same anchors), for the
+    whole batch at once (flat rows, as :func:`postprocess_batch`).
 
     Each member's class distribution is its mixture's mean (DESIGN section 2); the anchors are shared, so
     anchor ``a`` of every member predicts the same default box and disagreement is measured per anchor.
@@ -181,18 +360,15 @@ def committee(
     mean_probs, mean_loc = probs_t.mean(dim=0), loc_t.mean(dim=0)
     mutual_information = (_entropy(mean_probs) - _entropy(probs_t).mean(dim=0)).clamp(min=0.0)  # [B, A]
     loc_variance = loc_t.var(dim=0, unbiased=False).amax(dim=-1)  # [B, A]
-    anchors = members[0].anchors
-    results = []
-    for i in range(mean_probs.shape[0]):
-        boxes = clip_boxes_to_image(box_coder.decode_single(mean_loc[i], anchors), image_size)
-        anchor_idx, labels, scores = _detect(boxes, mean_probs[i], config)
-        results.append(
-            CommitteeDetections(
-                boxes=boxes[anchor_idx].float(),
-                scores=scores.float(),
-                labels=labels,
-                cls_mi=mutual_information[i, anchor_idx].float(),
-                loc_var=loc_variance[i, anchor_idx].float(),
-            )
-        )
-    return results
+    batch, num_anchors = mean_loc.shape[:2]
+    boxes = box_coder.decode_single(mean_loc.reshape(-1, 4), members[0].anchors.repeat(batch, 1))
+    boxes = clip_boxes_to_image(boxes, image_size).view(batch, num_anchors, 4)  # [B, A, 4]
+    image, anchor, labels, scores = detect_batch(boxes, mean_probs, image_size, config)
+    return BatchCommittee(
+        image=image,
+        boxes=boxes[image, anchor].float(),
+        scores=scores.float(),
+        labels=labels,
+        cls_mi=mutual_information[image, anchor].float(),
+        loc_var=loc_variance[image, anchor].float(),
+    )

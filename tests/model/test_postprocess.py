@@ -1,4 +1,5 @@
 import math
+import sys
 
 import pytest
 import torch
@@ -96,3 +97,65 @@ def test_pre_nms_top_k_keeps_the_best_candidates_of_each_class():
     )[0]
     assert len(exact.scores) > len(det.scores)
     assert set(det.scores.tolist()) <= set(exact.scores.tolist())
+
+
+def random_batch(num_images: int, num_classes: int = 6, seed: int = 0) -> MixtureOutputs:
+    """Random head outputs over a real model's default boxes (96 px): many overlapping candidates per class,
+    different in every image."""
+    from almdn_ray.model import build_ssdgmm
+
+    torch.manual_seed(seed)
+    model = build_ssdgmm("ssdlite320_mobilenet_v3", num_classes=num_classes, image_size=96).eval()
+    with torch.no_grad():
+        anchors = model(torch.rand(1, 3, 96, 96)).anchors
+    a, k = anchors.shape[0], 2
+
+    def rand(*shape, scale=1.0):
+        return torch.randn(num_images, a, k, *shape) * scale
+
+    return MixtureOutputs(
+        rand(4, scale=0.5), rand(4), rand(4), rand(num_classes, scale=2.0), rand(num_classes), rand(), anchors
+    )
+
+
+def assert_same_detections(batched, reference):
+    assert len(batched) == len(reference)
+    for i, (a, b) in enumerate(zip(batched, reference)):
+        assert a.labels.tolist() == b.labels.tolist(), f"image {i}"
+        for field in a._fields:
+            torch.testing.assert_close(getattr(a, field), getattr(b, field), rtol=0, atol=0, msg=f"image {i} {field}")
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PostprocessConfig(min_confidence=0.5),
+        PostprocessConfig(min_confidence=0.3, max_per_class=3),
+        PostprocessConfig(min_confidence=0.0, score_threshold=0.2, pre_nms_top_k=10, nms_iou=0.3),
+    ],
+    ids=["plain", "max-per-class", "pre-nms-top-k"],
+)
+def test_the_batched_postprocess_equals_the_per_image_reference(config):
+    from almdn_ray.model.postprocess import postprocess_reference
+
+    out = random_batch(5)
+    kwargs = dict(box_coder=make_box_coder(), image_size=(96, 96), config=config)
+    reference = postprocess_reference(out, **kwargs)
+    assert all(len(d.scores) >= 2 for d in reference)  # several detections in every image
+    assert_same_detections(postprocess(out, **kwargs), reference)
+
+
+def test_nms_cut_into_calls_at_class_boundaries_keeps_the_detections(monkeypatch):
+    module = sys.modules["almdn_ray.model.postprocess"]  # the package exports a function of that name
+
+    out = random_batch(4)
+    kwargs = dict(box_coder=make_box_coder(), image_size=(96, 96), config=PostprocessConfig(min_confidence=0.3))
+    whole = postprocess(out, **kwargs)
+    calls = []
+    real_nms = module.nms
+    monkeypatch.setattr(module, "nms", lambda *a: calls.append(a[0].shape[0]) or real_nms(*a))
+    monkeypatch.setitem(module.NMS_CHUNK, "cpu", 64)
+    cut = postprocess(out, **kwargs)
+    assert len(calls) > 4 and max(calls) < sum(calls)  # several calls, none with every candidate
+    assert_same_detections(cut, whole)
+    assert_same_detections(cut, module.postprocess_reference(out, **kwargs))
