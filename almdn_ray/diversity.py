@@ -189,7 +189,7 @@ def duplicate_groups(features: np.ndarray, max_distance: float, *, block: int = 
         rows = np.arange(start, min(start + block, count))
         for other in range(start, count, block):
             cols = np.arange(other, min(other + block, count))
-            near = points[rows[0] : rows[-1] + 1] @ points[cols[0] : cols[-1] + 1].T >= threshold  # [block, block]
+            near = points[start : start + block] @ points[other : other + block].T >= threshold  # [block, block]
             if other == start:
                 near &= rows[:, None] < cols[None, :]
             while True:
