@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from almdn_ray import engine
 from almdn_ray.data.transforms import batch_jitter
 from almdn_ray.model.detector import ModelSpec
-from almdn_ray.model.loss import LossConfig, MultiboxMixtureLoss
+from almdn_ray.model.loss import LossConfig, MultiboxMixtureLoss, check_labels
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class TrainRecipe:
     augment: bool = True
     flip: bool = True
     jitter: float = 0.0  # light batch augmentation (zoom/shift, colour), 0 = off; see data.transforms.batch_jitter
-    data_workers: int = 0
+    data_workers: int | None = None  # loader processes per worker; None: 0 on CPU, up to 4 beside a GPU
+    read_every: int = 10  # iterations between host reads of the losses (and the divergence check); <= checkpoints
     precise_bn_batches: int = 20
     seed: int = 0
     # Passes over the labelled set per cycle: the cycle trains ceil(epochs x labelled / batch_size) iterations
@@ -73,6 +75,10 @@ class TrainRecipe:
             raise ValueError(f"train.jitter must be in [0, 0.5) (0 = off, 0.2 = mild), got {self.jitter}")
         if self.min_iterations < 1:
             raise ValueError(f"train.min_iterations must be >= 1, got {self.min_iterations}")
+        if self.read_every < 1:
+            raise ValueError(f"train.read_every must be >= 1, got {self.read_every}")
+        if self.data_workers is not None and self.data_workers < 0:
+            raise ValueError(f"train.data_workers must be >= 0 or null (automatic), got {self.data_workers}")
         LossConfig(cls_loss=self.cls_loss)
 
     def for_images(self, num_images: int) -> TrainRecipe:
@@ -214,6 +220,25 @@ class _BatchOrder(Sampler):
                 iteration += 1
 
 
+def _first_divergence(rows: list[list[float]], history: list[float], factor: float) -> int | None:
+    """Check a window of ``[total, loc, cls]`` rows in order: the index of the first whose loss is not finite or
+    above ``factor`` times the recent median; each good loss before it joins ``history``."""
+    for k, (loss, _, _) in enumerate(rows):
+        exploding = len(history) >= 20 and loss > factor * statistics.median(history[-50:])
+        if not math.isfinite(loss) or exploding:
+            return k
+        history.append(loss)
+    return None
+
+
+def loader_workers(device: torch.device) -> int:
+    """Loader processes per training worker by default: none on CPU (they would compete with the model for
+    the same cores), up to 4 beside a GPU (decoding and augmenting ahead of it)."""
+    if device.type != "cuda":
+        return 0
+    return max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
 def train_worker(
     *,
     spec: ModelSpec,
@@ -247,7 +272,7 @@ def train_worker(
     bf16 = engine.use_bf16(context.device, mixed_precision)
     net = context.wrap(model)
     optimizer = _optimizer(model, recipe)
-    loss_fn = MultiboxMixtureLoss(LossConfig(cls_loss=recipe.cls_loss))
+    loss_fn = MultiboxMixtureLoss(LossConfig(cls_loss=recipe.cls_loss), check_targets=False)  # checked on the host
     iteration, restarts, from_scratch = 0, 0, False
     checkpoint = context.latest_checkpoint()
     if checkpoint is not None:
@@ -261,15 +286,22 @@ def train_worker(
     if batches_per_epoch == 0:
         raise ValueError(f"{len(dataset)} training images give no batch of {per_rank} per worker")
 
+    on_gpu = context.device.type == "cuda"
+    workers = recipe.data_workers if recipe.data_workers is not None else loader_workers(context.device)
+
     def loader_from(start: int) -> Iterator:
         order = _BatchOrder(
             len(dataset), per_rank, context.world_size, context.rank, recipe.seed + 1000 * restarts, start
         )
-        return iter(
-            DataLoader(
-                _Seeded(dataset), batch_sampler=order, collate_fn=engine.collate, num_workers=recipe.data_workers
-            )
+        loader = DataLoader(
+            _Seeded(dataset),
+            batch_sampler=order,
+            collate_fn=engine.collate,
+            num_workers=workers,
+            pin_memory=on_gpu,
+            prefetch_factor=4 if workers else None,
         )
+        return iter(loader)
 
     history: list[float] = []
     window: dict[str, list[float]] = {"loss": [], "loc": [], "cls": []}
@@ -289,27 +321,39 @@ def train_worker(
     while iteration < recipe.max_iterations:
         diverged = False
         batches = loader_from(iteration)
+        pending: list[torch.Tensor] = []  # [total, loc, cls] per iteration since the last read, on the device
         while iteration < recipe.max_iterations:
             images, targets = next(batches)
+            check_labels(targets, model.num_classes)  # on the host, before the upload
             torch.manual_seed(_mix(recipe.seed, restarts, iteration))  # jitter and the loss's noise, per iteration
             images, targets = batch_jitter(images, targets, recipe.jitter)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(recipe, iteration)
-            batch = (images.to(context.device), [{k: v.to(context.device) for k, v in t.items()} for t in targets])
+            batch = (
+                images.to(context.device, non_blocking=True),
+                [{k: v.to(context.device, non_blocking=True) for k, v in t.items()} for t in targets],
+            )
             terms = engine.train_step(net, batch, optimizer, loss_fn, grad_clip=recipe.grad_clip, bf16=bf16)
-            loss = float(terms.total)
-            exploding = len(history) >= 20 and loss > recipe.divergence_factor * statistics.median(history[-50:])
-            if context.all_max(0.0 if math.isfinite(loss) and not exploding else 1.0) > 0:
-                diverged = True
-                break
-            history.append(loss)
-            initial_loss = loss if initial_loss is None else initial_loss
-            for key, value in (("loss", loss), ("loc", float(terms.loc)), ("cls", float(terms.cls))):
-                window[key].append(value)
+            pending.append(torch.stack([terms.total, terms.loc, terms.cls]))
             iteration += 1
+            at_checkpoint = iteration % recipe.checkpoint_every == 0 or iteration == recipe.max_iterations
+            if len(pending) >= recipe.read_every or at_checkpoint:
+                # One host read for the window's losses; one collective for every rank's verdict.
+                first, rows = iteration - len(pending), torch.stack(pending).tolist()
+                bad = _first_divergence(rows, history, recipe.divergence_factor)
+                pending = []
+                if context.all_max(0.0 if bad is None else 1.0) > 0:
+                    # The window's later steps are discarded with it: the restart reloads a checkpoint.
+                    iteration = first + (bad if bad is not None else 0)
+                    diverged = True
+                    break
+                for loss, loc, cls in rows:
+                    initial_loss = loss if initial_loss is None else initial_loss
+                    for key, value in (("loss", loss), ("loc", loc), ("cls", cls)):
+                        window[key].append(value)
             if on_iteration is not None:
                 on_iteration(iteration)
-            if iteration % recipe.checkpoint_every == 0 or iteration == recipe.max_iterations:
+            if at_checkpoint:
                 if iteration == recipe.max_iterations and recipe.precise_bn_batches:
                     engine.recalibrate_batch_norm(
                         model,

@@ -1,6 +1,7 @@
 """The scoring map's batch work: equal to the per-image reference, and a fixed number of host syncs per batch."""
 
 from collections import Counter
+from functools import partial
 
 import numpy as np
 import pytest
@@ -78,9 +79,9 @@ def test_host_syncs_and_nms_calls_per_scoring_batch_do_not_grow_with_the_batch(m
     images = pixels(64, seed=1)
     counts = {}
     for size in (4, 64):
-        decoded = (images[:size], [None] * size)
-        scoring.score_images(model, ids[:size], decoded=decoded, config=CONFIG)  # warm-up
-        counts[size] = host_syncs(lambda: scoring.score_images(model, ids[:size], decoded=decoded, config=CONFIG))
+        score = partial(scoring.score_images, model, ids[:size], decoded=(images[:size], [None] * size), config=CONFIG)
+        score()  # warm-up
+        counts[size] = host_syncs(score)
     found = scoring.score_images(model, ids, decoded=(images, [None] * 64), config=CONFIG)
     assert found["n_det"].min() >= 1 and found["n_det"].sum() < 1000  # a few detections per image
     assert counts[4] == counts[64], counts

@@ -137,3 +137,32 @@ def test_resuming_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
     assert halves.reports[-1]["start_iteration"] == 5
     for name, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_a_training_step_reads_nothing_back_whatever_the_batch():
+    """The step (matching, loss, backward, SGD) leaves every value on the device: no size-dependent op and no
+    scalar read, at batch 2 as at batch 8 (the loop reads the losses every ``read_every`` iterations)."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from almdn_ray import engine
+    from almdn_ray.model import MultiboxMixtureLoss
+
+    torch.manual_seed(0)
+    model = ModelSpec(preset="ssdlite320_mobilenet_v3", num_classes=3, image_size=160).build()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    loss_fn = MultiboxMixtureLoss(check_targets=False)
+    counts = {}
+    for size in (2, 8):
+        batch = make_images(size, seed=size)
+        engine.train_step(model, batch, optimizer, loss_fn, grad_clip=10.0)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            engine.train_step(model, batch, optimizer, loss_fn, grad_clip=10.0)
+        names = Counter(event.name for event in prof.events())
+        counts[size] = {n: names[n] for n in ("aten::nonzero", "aten::item", "aten::_local_scalar_dense")}
+    assert counts[2] == counts[8] and sum(counts[8].values()) <= 1, counts
+    checked = MultiboxMixtureLoss()  # the loss's own label check reads the labels: the loop does it on the host
+    with pytest.raises(ValueError, match="target 1: labels must be in 1..2"):
+        images, targets = make_images(2, seed=0)
+        checked(model(images), [targets[0], {**targets[1], "labels": targets[1]["labels"] + 5}])

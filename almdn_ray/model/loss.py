@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.models.detection._utils import SSDMatcher
 from torchvision.ops import box_iou
 
@@ -14,7 +15,7 @@ from almdn_ray import mdn
 from almdn_ray.model.anchors import make_box_coder
 from almdn_ray.model.gmm_head import MixtureOutputs
 
-__all__ = ["LossConfig", "LossTerms", "MultiboxMixtureLoss", "match_anchors"]
+__all__ = ["LossConfig", "LossTerms", "MultiboxMixtureLoss", "match_anchors", "match_anchors_batch", "check_labels"]
 
 
 @dataclass(frozen=True)
@@ -39,16 +40,19 @@ class LossConfig:
 
 
 class LossTerms(NamedTuple):
-    """Both terms are already divided by the number of positives; ``total = loc + cls``."""
+    """Both terms are already divided by the number of positives; ``total = loc + cls``. All are tensors on
+    the outputs' device (reading one is a host sync: the training loop reads them every few iterations)."""
 
     total: Tensor
     loc: Tensor
     cls: Tensor
-    num_positives: int
+    num_positives: Tensor
 
 
 def match_anchors(anchors: Tensor, boxes: Tensor, labels: Tensor, matcher: SSDMatcher) -> tuple[Tensor, Tensor]:
     """Assign every anchor a ground truth (IoU >= threshold, plus the best anchor of every ground truth).
+
+    The per-image reference of :func:`match_anchors_batch` (torchvision's matcher on one image).
 
     Args:
         anchors: ``[A, 4]``; boxes: ``[G, 4]`` xyxy; labels: ``[G]`` in 1..C-1.
@@ -64,13 +68,69 @@ def match_anchors(anchors: Tensor, boxes: Tensor, labels: Tensor, matcher: SSDMa
     return anchor_labels, boxes[index]
 
 
-class MultiboxMixtureLoss:
-    """Computes :class:`LossTerms` from :class:`MixtureOutputs` and per-image targets."""
+def _box_iou_batch(boxes: Tensor, anchors: Tensor) -> Tensor:
+    """``[B, G, A]`` IoU of ``boxes [B, G, 4]`` with ``anchors [A, 4]`` (torchvision's ``box_iou`` arithmetic)."""
+    area1 = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # [B, G]
+    area2 = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])  # [A]
+    lt = torch.max(boxes[..., None, :2], anchors[:, :2])  # [B, G, A, 2]
+    rb = torch.min(boxes[..., None, 2:], anchors[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    return inter / (area1[..., None] + area2 - inter)
 
-    def __init__(self, config: LossConfig = LossConfig()):
+
+def match_anchors_batch(anchors: Tensor, boxes: Tensor, labels: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """:func:`match_anchors` for a whole batch at once, with no host sync.
+
+    Args:
+        anchors: ``[A, 4]``; boxes: ``[B, G, 4]`` xyxy, padded; labels: ``[B, G]`` in 1..C-1, 0 where padded.
+
+    Returns:
+        ``(anchor_labels [B, A], matched_boxes [B, A, 4])`` as :func:`match_anchors` gives per image (a ground
+        truth that is the best of an anchor already claimed by a later one loses it, as torchvision's matcher).
+    """
+    batch, num_gt = labels.shape
+    if num_gt == 0:
+        return (
+            torch.zeros(batch, anchors.shape[0], dtype=torch.long, device=anchors.device),
+            torch.zeros(batch, *anchors.shape, dtype=anchors.dtype, device=anchors.device),
+        )
+    valid = labels > 0  # [B, G]
+    iou = _box_iou_batch(boxes, anchors).masked_fill(~valid[..., None], -1.0)  # [B, G, A]
+    best_iou, matches = iou.max(dim=1)  # [B, A]: each anchor's best ground truth
+    matches = torch.where(best_iou >= threshold, matches, -1)
+    best_anchor = iou.argmax(dim=2)  # [B, G]: each ground truth's best anchor
+    gt_index = torch.arange(num_gt, device=labels.device).expand(batch, -1)
+    forced = torch.full_like(matches, -1).scatter_reduce(1, best_anchor, torch.where(valid, gt_index, -1), "amax")
+    matches = torch.where(forced >= 0, forced, matches)
+    index = matches.clamp(min=0)
+    anchor_labels = torch.where(matches >= 0, labels.long().gather(1, index), 0)
+    matched_boxes = boxes.gather(1, index[..., None].expand(-1, -1, 4))
+    return anchor_labels, matched_boxes
+
+
+def check_labels(targets: list[dict[str, Tensor]], num_classes: int) -> None:
+    """Raise ``ValueError`` naming the first target whose labels are outside 1..C-1 (read on the host)."""
+    for i, target in enumerate(targets):
+        labels = target["labels"].detach().cpu().numpy()
+        if labels.size and (labels.min() < 1 or labels.max() >= num_classes):
+            raise ValueError(
+                f"target {i}: labels must be in 1..{num_classes - 1} (0 is background), got {labels.tolist()}"
+            )
+
+
+class MultiboxMixtureLoss:
+    """Computes :class:`LossTerms` from :class:`MixtureOutputs` and per-image targets.
+
+    ``check_targets``: check the labels' range on every call (a host read of the labels); the training loop
+    checks them on the host before the upload and turns this off, so that a step never waits for the device.
+    """
+
+    def __init__(self, config: LossConfig = LossConfig(), *, check_targets: bool = True):
         self.config = config
         self.box_coder = make_box_coder(config.variances)
-        self.matcher = SSDMatcher(config.iou_threshold)
+        self.matcher = SSDMatcher(config.iou_threshold)  # the per-image reference's (match_anchors)
+        self.check_targets = check_targets
 
     def __call__(
         self, outputs: MixtureOutputs, targets: list[dict[str, Tensor]], noise: Tensor | None = None
@@ -85,36 +145,34 @@ class MultiboxMixtureLoss:
         num_classes = outputs.cls_logits.shape[-1]
         if len(targets) != outputs.loc_mu.shape[0]:
             raise ValueError(f"got {len(targets)} targets for a batch of {outputs.loc_mu.shape[0]} images")
-        labels, encoded = [], []
-        for i, target in enumerate(targets):
-            boxes, gt_labels = target["boxes"].to(anchors), target["labels"].to(anchors.device)
-            if gt_labels.numel() and (gt_labels.min() < 1 or gt_labels.max() >= num_classes):
-                raise ValueError(
-                    f"target {i}: labels must be in 1..{num_classes - 1} (0 is background), got {gt_labels.tolist()}"
-                )
-            anchor_labels, matched_boxes = match_anchors(anchors, boxes, gt_labels, self.matcher)
-            labels.append(anchor_labels)
-            encoded.append(self.box_coder.encode_single(matched_boxes, anchors))
-        labels = torch.stack(labels)  # [B, A]
-        encoded = torch.stack(encoded)  # [B, A, 4]
+        if self.check_targets:
+            check_labels(targets, num_classes)
+        boxes = pad_sequence([t["boxes"].to(anchors).reshape(-1, 4) for t in targets], batch_first=True)
+        gt_labels = pad_sequence([t["labels"].to(anchors.device).long() for t in targets], batch_first=True)
+        labels, matched = match_anchors_batch(anchors, boxes, gt_labels, cfg.iou_threshold)  # [B, A], [B, A, 4]
+        batch, num_anchors = labels.shape
+        encoded = self.box_coder.encode_single(matched.reshape(-1, 4), anchors.repeat(batch, 1))
         positive = labels > 0
-        num_positives = int(positive.sum())
-        normaliser = max(num_positives, 1)
+        # Background anchors get a harmless target (their matched box may be padding); they are masked below.
+        encoded = torch.where(positive[..., None], encoded.view(batch, num_anchors, 4), 0.0)  # [B, A, 4]
+        num_positives = positive.sum()
+        normaliser = num_positives.clamp(min=1)
 
         loc = mdn.localization_nll(
-            encoded[positive],
-            outputs.loc_mu[positive],
-            outputs.loc_sigma_logit[positive],
-            outputs.loc_pi_logit[positive],
+            encoded,
+            outputs.loc_mu,
+            outputs.loc_sigma_logit,
+            outputs.loc_pi_logit,
             sigma_offset=cfg.sigma_offset,
             nll_scale=cfg.nll_scale,
             eps=cfg.eps,
-        ).sum()
+        )  # [B, A, 4]
+        loc = torch.where(positive[..., None], loc, 0.0).sum()
         cls_per_anchor = mdn.classification_loss(
             outputs.cls_logits, outputs.cls_sigma_logit, outputs.cls_pi_logit, labels, noise, cfg.cls_loss, eps=cfg.eps
         )  # [B, A]
         chosen = positive | self._hard_negatives(cls_per_anchor.detach(), positive)
-        cls = cls_per_anchor[chosen].sum()
+        cls = torch.where(chosen, cls_per_anchor, 0.0).sum()
         return LossTerms(
             total=(loc + cls) / normaliser, loc=loc / normaliser, cls=cls / normaliser, num_positives=num_positives
         )

@@ -127,3 +127,30 @@ def test_bad_targets_and_config_are_named():
         LossConfig(cls_loss="focal")
     with pytest.raises(ValueError, match="2 targets for a batch of 1"):
         MultiboxMixtureLoss()(outputs(), [target([], []), target([], [])])
+
+
+def test_batched_matching_equals_the_per_image_matcher():
+    from torch.nn.utils.rnn import pad_sequence
+
+    from almdn_ray.model.loss import match_anchors, match_anchors_batch
+
+    loss = MultiboxMixtureLoss()
+    g = torch.Generator().manual_seed(5)
+    anchors = torch.rand(300, 2, generator=g) * 80
+    anchors = torch.cat([anchors, anchors + 5 + torch.rand(300, 2, generator=g) * 20], dim=1)
+    per_image = []
+    for count in (0, 1, 3, 7, 2):  # an empty image, and ground truths that share their best anchor
+        corner = torch.rand(count, 2, generator=g) * 60
+        boxes = torch.cat([corner, corner + 8 + torch.rand(count, 2, generator=g) * 30], dim=1)
+        if count >= 3:
+            boxes[2] = boxes[1] + 0.5  # two ground truths with the same best anchor: the later one wins
+        per_image.append(target(boxes.tolist(), torch.randint(1, 3, (count,), generator=g).tolist()))
+    padded = pad_sequence([t["boxes"] for t in per_image], batch_first=True)
+    labels = pad_sequence([t["labels"] for t in per_image], batch_first=True)
+    batch_labels, batch_boxes = match_anchors_batch(anchors, padded, labels, 0.5)
+    for i, t in enumerate(per_image):
+        expected_labels, expected_boxes = match_anchors(anchors, t["boxes"], t["labels"], loss.matcher)
+        assert batch_labels[i].tolist() == expected_labels.tolist(), i
+        positive = expected_labels > 0
+        assert torch.equal(batch_boxes[i][positive], expected_boxes[positive]), i
+    assert (batch_labels > 0).sum() > 10
