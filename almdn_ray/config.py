@@ -152,7 +152,7 @@ class ResourceSpec:
     use_gpu: bool = False  # one GPU per training worker, per scoring actor and for EVAL
     cpus_per_worker: float | None = None  # default: the most that places every worker on the nodes that exist
     scoring_actors: int | None = None  # default: one per GPU (use_gpu) or per CPU
-    scoring_batch_size: int = 16
+    scoring_batch_size: int | None = None  # images per scoring batch; default: 256 on a GPU, 16 on CPU
     eval_batch_size: int = 16
     decode_in_tasks: bool | None = None  # SCORE reads/decodes/resizes in Ray Data CPU tasks; default: with use_gpu
     mixed_precision: bool = True  # bf16 autocast on CUDA for TRAIN, SCORE and EVAL (false: float32)
@@ -165,6 +165,16 @@ class ResourceSpec:
             raise ValueError(f"resources.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
         if self.placement_timeout_s < 0:
             raise ValueError(f"resources.placement_timeout_s must be >= 0, got {self.placement_timeout_s}")
+        if self.scoring_batch_size is not None and self.scoring_batch_size < 1:
+            raise ValueError(f"resources.scoring_batch_size must be >= 1 or null, got {self.scoring_batch_size}")
+
+    @property
+    def scoring_batch(self) -> int:
+        """Images per scoring batch: ``scoring_batch_size``, or what fills the device (a GPU's forward pass runs
+        near its peak from ~256 images of 300 px; on CPU small batches keep the actors' memory low)."""
+        if self.scoring_batch_size is not None:
+            return self.scoring_batch_size
+        return 256 if self.use_gpu else 16
 
     @property
     def split_decode(self) -> bool:

@@ -87,7 +87,7 @@ def score_pool(
     postprocess: PostprocessConfig = PostprocessConfig(),
     use_gpu: bool = False,
     num_actors: int | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     rows_per_block: int = 256,
     endpoint: str | None = None,
     member_uris: list[str] = (),
@@ -103,13 +103,18 @@ def score_pool(
     columns that the ``ensemble`` and ``mc_dropout`` strategies select by. ``split_decode`` (default: with
     ``use_gpu``) decodes in CPU tasks ahead of the model actors. ``embedding_dims`` > 0 also writes each image's
     and its confident detections' embeddings (from the same forward pass) for ``almdn_diverse`` and
-    ``almdn-ray pool duplicates``.
+    ``almdn-ray pool duplicates``. ``batch_size``: images per model batch (default: 256 on a GPU, 16 on CPU).
+
+    On a GPU each actor takes two batches at a time in two threads (the host work of one, its upload and its
+    Python, overlaps the device work of the other) and has up to four queued, so that the GPU never waits for
+    the next batch; the decode tasks (a quarter of a GPU batch each) run on every other CPU of the cluster.
 
     Returns:
         ``out_uri``. Read it with :func:`almdn_ray.scoring.read_scores`.
     """
     endpoint = endpoint or storage.configured_endpoint()
     split_decode = use_gpu if split_decode is None else split_decode
+    batch_size = batch_size or (256 if use_gpu else 16)
     in_fs, in_path = storage.resolve(manifest_uri, endpoint=endpoint)
     out_fs, out_path = storage.resolve(out_uri, endpoint=endpoint)
     actors = placement.wait_for_fit(
@@ -126,10 +131,13 @@ def score_pool(
         dataset = dataset.map_batches(
             decode_batch,
             fn_kwargs={"image_size": spec.input_size, "endpoint": endpoint},
-            batch_size=batch_size,
+            batch_size=max(1, batch_size // 4) if use_gpu else batch_size,
             batch_format="numpy",
             num_cpus=1,
         )
+    # Two batches in flight in each GPU actor: its threads release the GIL while the device works.
+    overlap = {"max_tasks_in_flight_per_actor": 4, "enable_true_multi_threading": True} if use_gpu else {}
+    threads = {"max_concurrency": 2} if use_gpu else {}
     scored = dataset.map_batches(
         PoolScorer,
         fn_constructor_kwargs={
@@ -145,9 +153,11 @@ def score_pool(
         },
         batch_size=batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=actors.count),
+        zero_copy_batch=True,
+        compute=ray.data.ActorPoolStrategy(size=actors.count, **overlap),
         num_cpus=actors.cpus,
         num_gpus=actors.gpus,
+        **threads,
     )  # Ray Data restarts dead actors and retries their batches by default
     scored.write_parquet(out_path, filesystem=out_fs, mode=ray.data.SaveMode.OVERWRITE)
     return out_uri

@@ -113,7 +113,7 @@ def _score(
         postprocess=job.acquisition.postprocess(),
         use_gpu=r.use_gpu,
         num_actors=r.scoring_actors,
-        batch_size=r.scoring_batch_size,
+        batch_size=r.scoring_batch,
         endpoint=job.storage.endpoint,
         split_decode=r.split_decode,
         mixed_precision=r.mixed_precision,
