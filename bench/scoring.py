@@ -226,6 +226,77 @@ def bench_embeddings(count: int, workdir: Path, image_size: int = 320, rounds: i
     print(f"\nwith / without embeddings, time: {seconds['with'] / seconds['without']:.3f}\n")
 
 
+def synthetic_outputs(anchors, batch: int, candidates: int, classes: int = 21, seed: int = 0):
+    """Head outputs for ``batch`` images in which ``candidates`` anchors per image (in clusters of overlapping
+    default boxes, as objects give) are confident of a foreground class; the rest is background."""
+    import torch
+
+    from almdn_ray.model import MixtureOutputs
+
+    g = torch.Generator().manual_seed(seed)
+    a, k = anchors.shape[0], 4
+    logits = torch.randn(batch, a, k, classes, generator=g)
+    logits[..., 0] += 6.0  # background everywhere ...
+    for i in range(batch):
+        chosen = torch.randperm(a, generator=g)[:candidates]
+        label = torch.randint(1, classes, (candidates,), generator=g)
+        logits[i, chosen[:, None], torch.arange(k), label[:, None]] += 9.0  # ... but here
+    return MixtureOutputs(
+        torch.randn(batch, a, k, 4, generator=g) * 0.3,
+        torch.randn(batch, a, k, 4, generator=g),
+        torch.randn(batch, a, k, 4, generator=g),
+        logits,
+        torch.randn(batch, a, k, classes, generator=g),
+        torch.randn(batch, a, k, generator=g),
+        anchors,
+    )
+
+
+def bench_postprocess(batch: int = 64, rounds: int = 3) -> None:
+    """Post-processing of one scoring batch (SSD300's 8,732 default boxes, 21 classes, the paper's scoring
+    settings), today's batched device path against the per-image loop it replaced, side by side."""
+    import torch
+
+    from almdn_ray.model import PostprocessConfig, build_ssdgmm
+    from almdn_ray.model.anchors import make_box_coder
+    from almdn_ray.model.postprocess import image_summaries, postprocess_batch, postprocess_reference
+
+    torch.manual_seed(0)
+    with torch.no_grad():
+        anchors = build_ssdgmm("ssd300_vgg16", num_classes=21).eval()(torch.zeros(1, 3, 300, 300)).anchors
+    kwargs = dict(box_coder=make_box_coder(), image_size=(300, 300), config=PostprocessConfig())
+
+    def per_image(outputs):
+        found = postprocess_reference(outputs, **kwargs)
+        index, values, entropy = acquisition.detection_values(found)
+        acquisition.summarize(index, values, batch, entropy)
+        return sum(len(d.scores) for d in found)
+
+    def batched(outputs):
+        found = postprocess_batch(outputs, **kwargs)
+        values = torch.stack([found.loc_al, found.loc_ep, found.cls_al, found.cls_ep], dim=1)
+        columns = image_summaries(found.image, values, batch, acquisition.TERMS)
+        torch.stack(list(columns.values()), dim=1).cpu()
+        return found.image.numel()
+
+    print(f"\n# post-processing of a batch of {batch} (SSD300 boxes, 21 classes), {torch.get_num_threads()} threads")
+    print("| detections / image | per-image loop ms / image | batched ms / image | speed-up |")
+    print("|---|---|---|---|")
+    for candidates in (12, 900):  # about 10 and 800 detections per image
+        outputs = synthetic_outputs(anchors, batch, candidates)
+        with torch.no_grad():
+            found = batched(outputs)
+            assert found == per_image(outputs)  # the same detections
+            times = {"loop": [], "batched": []}
+            for _ in range(rounds):  # alternated, so that the machine's noise falls on both
+                for name, fn in (("loop", per_image), ("batched", batched)):
+                    start = time.perf_counter()
+                    fn(outputs)
+                    times[name].append(time.perf_counter() - start)
+        loop, fast = (min(times[n]) * 1e3 / batch for n in ("loop", "batched"))
+        print(f"| {found / batch:.0f} | {loop:.3f} | {fast:.3f} | {loop / fast:.1f}x |")
+
+
 def bench_reduce(rows: int, budget: int = 1000) -> None:
     """Write 10M synthetic score rows to Parquet, then time the reduce in a fresh process (clean peak RSS)."""
     import subprocess
@@ -297,9 +368,13 @@ def main() -> None:
     parser.add_argument("--stage-images", type=int, default=400, help="JPEGs for the stage split (0: skip)")
     parser.add_argument("--embedding-images", type=int, default=200, help="JPEGs for the embedding cost (0: skip)")
     parser.add_argument("--only-embeddings", action="store_true", help="measure the embedding cost alone")
+    parser.add_argument("--only-postprocess", action="store_true", help="measure post-processing alone")
     parser.add_argument("--reduce-file", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=1000, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.only_postprocess:
+        bench_postprocess()
+        return
     if args.reduce_file:
         reduce_file(args.reduce_file, args.budget)
         return

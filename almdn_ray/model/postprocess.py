@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -119,13 +119,17 @@ def _grouped_nms(boxes: Tensor, scores: Tensor, groups: Tensor, iou: float, num_
 
 
 def detect_batch(
-    boxes: Tensor, probs: Tensor, image_size: tuple[int, int], config: PostprocessConfig
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    boxes_of: Callable[[Tensor, Tensor], Tensor],
+    probs: Tensor,
+    image_size: tuple[int, int],
+    config: PostprocessConfig,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Candidates, optional per-class top-k and per-class NMS for a whole batch, on its device.
 
-    Args: ``boxes [B, A, 4]`` decoded and clipped, ``probs [B, A, C]`` class probabilities (background first).
-    Returns: ``(image, anchor, labels, scores)``, each ``[M]``: the kept detections of every image, sorted by
-    image, then by score (highest first; ties in anchor, then class order).
+    Args: ``probs [B, A, C]`` class probabilities (background first); ``boxes_of(image [N], anchor [N])``
+    gives those anchors' decoded, clipped boxes ``[N, 4]`` (only the candidates are decoded).
+    Returns: ``(image, anchor, labels, scores, boxes)``, each ``[M]`` (boxes ``[M, 4]``): the kept detections
+    of every image, sorted by image, then by score (highest first; ties in anchor, then class order).
     """
     batch, _, num_classes = probs.shape
     foreground = probs[..., 1:]  # [B, A, C-1]
@@ -141,10 +145,11 @@ def detect_batch(
         order = order[_rank_in_group(groups[order], num_groups) < config.pre_nms_top_k]
         image, anchor, labels, scores, groups = image[order], anchor[order], labels[order], scores[order], groups[order]
     span = float(max(image_size)) + 1.0  # boxes are clipped to the image
-    kept = _grouped_nms(boxes[image, anchor], scores, groups, config.nms_iou, num_groups, span)
+    boxes = boxes_of(image, anchor)  # [N, 4]
+    kept = _grouped_nms(boxes, scores, groups, config.nms_iou, num_groups, span)
     kept = kept[_rank_in_group(groups[kept], num_groups) < config.max_per_class]
     kept = kept[torch.argsort(image[kept], stable=True)]  # by image, score order kept inside
-    return image[kept], anchor[kept], labels[kept], scores[kept]
+    return image[kept], anchor[kept], labels[kept], scores[kept], boxes[kept]
 
 
 class BatchDetections(NamedTuple):
@@ -195,24 +200,34 @@ def postprocess_batch(
         box_coder: the encoding the model was trained with.
         image_size: ``(H, W)`` of the input, for clipping.
     """
-    loc_mean, loc_al, loc_ep = mdn.localization_moments(outputs.loc_mu, outputs.loc_sigma_logit, outputs.loc_pi_logit)
-    probs, cls_al, cls_ep = mdn.classification_moments(
-        outputs.cls_logits, outputs.cls_sigma_logit, outputs.cls_pi_logit
-    )  # each [B, A, C]
-    batch, num_anchors = loc_mean.shape[:2]
-    boxes = box_coder.decode_single(loc_mean.reshape(-1, 4), outputs.anchors.repeat(batch, 1))
-    boxes = clip_boxes_to_image(boxes, image_size).view(batch, num_anchors, 4)  # [B, A, 4]
-    image, anchor, labels, scores = detect_batch(boxes, probs, image_size, config)
-    p = probs[image, anchor]  # [M, C]
+    o = outputs
+    pi = torch.softmax(o.cls_pi_logit, dim=-1).unsqueeze(-1)  # [B, A, K, 1]
+    probs = (pi * torch.softmax(o.cls_logits, dim=-1)).sum(dim=-2)  # [B, A, C]: the mixture's mean, as mdn's
+
+    def boxes_of(image: Tensor, anchor: Tensor) -> Tensor:
+        mean, _, _ = mdn.localization_moments(
+            o.loc_mu[image, anchor], o.loc_sigma_logit[image, anchor], o.loc_pi_logit[image, anchor]
+        )
+        return clip_boxes_to_image(box_coder.decode_single(mean, o.anchors[anchor]), image_size)
+
+    image, anchor, labels, scores, boxes = detect_batch(boxes_of, probs, image_size, config)
+    # The uncertainties of the detections alone (the same arithmetic per anchor as over the whole batch).
+    _, loc_al, loc_ep = mdn.localization_moments(
+        o.loc_mu[image, anchor], o.loc_sigma_logit[image, anchor], o.loc_pi_logit[image, anchor]
+    )  # [M, 4]
+    p, cls_al, cls_ep = mdn.classification_moments(
+        o.cls_logits[image, anchor], o.cls_sigma_logit[image, anchor], o.cls_pi_logit[image, anchor]
+    )  # [M, C]
+    rows = torch.arange(labels.numel(), device=labels.device)
     return BatchDetections(
         image=image,
-        boxes=boxes[image, anchor],
+        boxes=boxes,
         scores=scores,
         labels=labels,
-        loc_al=loc_al[image, anchor].amax(dim=-1),
-        loc_ep=loc_ep[image, anchor].amax(dim=-1),
-        cls_al=cls_al[image, anchor, labels],
-        cls_ep=cls_ep[image, anchor, labels],
+        loc_al=loc_al.amax(dim=-1),
+        loc_ep=loc_ep.amax(dim=-1),
+        cls_al=cls_al[rows, labels],
+        cls_ep=cls_ep[rows, labels],
         entropy=_entropy(p),
     )
 
@@ -360,13 +375,15 @@ def committee_batch(
     mean_probs, mean_loc = probs_t.mean(dim=0), loc_t.mean(dim=0)
     mutual_information = (_entropy(mean_probs) - _entropy(probs_t).mean(dim=0)).clamp(min=0.0)  # [B, A]
     loc_variance = loc_t.var(dim=0, unbiased=False).amax(dim=-1)  # [B, A]
-    batch, num_anchors = mean_loc.shape[:2]
-    boxes = box_coder.decode_single(mean_loc.reshape(-1, 4), members[0].anchors.repeat(batch, 1))
-    boxes = clip_boxes_to_image(boxes, image_size).view(batch, num_anchors, 4)  # [B, A, 4]
-    image, anchor, labels, scores = detect_batch(boxes, mean_probs, image_size, config)
+    anchors = members[0].anchors
+
+    def boxes_of(image: Tensor, anchor: Tensor) -> Tensor:
+        return clip_boxes_to_image(box_coder.decode_single(mean_loc[image, anchor], anchors[anchor]), image_size)
+
+    image, anchor, labels, scores, boxes = detect_batch(boxes_of, mean_probs, image_size, config)
     return BatchCommittee(
         image=image,
-        boxes=boxes[image, anchor].float(),
+        boxes=boxes.float(),
         scores=scores.float(),
         labels=labels,
         cls_mi=mutual_information[image, anchor].float(),
