@@ -6,16 +6,26 @@ import io
 import os
 import uuid
 
-# Ray reads these when it is imported: set them before any test module imports it.
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
-os.environ.setdefault("RAY_TRAIN_COLLECTIVE_TIMEOUT_S", "120")
-os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-
 import numpy as np
 import pytest
 from PIL import Image
+
+# Ray reads these when it is imported: set them before any test module imports it. The clusters and drivers
+# that tests start in subprocesses (`ray start`, cluster_shapes.py, killed drivers) inherit them from os.environ.
+RAY_TEST_ENV = {
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",  # else each report() waits ~2 s for the controller's poll
+    "RAY_TRAIN_COLLECTIVE_TIMEOUT_S": "120",
+    "RAY_DEDUP_LOGS": "0",
+    # Fixed costs on 2 cores, none of which a test is about: ray.data.read_parquet starts 32 footer-reader actors
+    # (processes) per pipeline by default (~5 s each score_pool here; one reads a test's few footers as well), and
+    # each Ray Train run a preemption-watcher actor (~2 s; no test drains a node while training).
+    "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS": "1",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+for _key, _value in RAY_TEST_ENV.items():
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="session")

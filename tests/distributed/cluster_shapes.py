@@ -54,6 +54,12 @@ def nodes_of(table) -> set[str]:
 
 
 def main(workdir: Path) -> None:
+    phases, last = {}, [time.monotonic()]
+
+    def lap(name: str) -> None:  # seconds per phase, in the report (not asserted: to see where the time goes)
+        now = time.monotonic()
+        phases[name], last[0] = round(now - last[0], 1), now
+
     shape = launcher_shape()
     assert shape == kuberay_shape(), (shape, kuberay_shape())  # both files: one shape to test
     head_cpus, _ = shape["head"]
@@ -77,7 +83,8 @@ def main(workdir: Path) -> None:
     # scores which block is then not a race against a slow actor start.
     context.wait_for_min_actors_s = 120
     head = ray.get_runtime_context().get_node_id()[:12]
-    report = {"head_cpus": head_cpus}
+    report = {"head_cpus": head_cpus, "phase_s": phases}
+    lap("head")
     common = dict(
         manifest_uri=str(workdir / "pool"),
         weights_uri=str(workdir / "model.pt"),
@@ -91,6 +98,7 @@ def main(workdir: Path) -> None:
     # 1. CPU-only: two 8-CPU nodes.
     cpu_nodes = [cluster.add_node(num_cpus=8, **node_args()) for _ in range(2)]
     cluster.wait_for_nodes()
+    lap("cpu_nodes")
     recipe = TrainRecipe(
         max_iterations=4, batch_size=4, optimizer="adam", lr=1e-3, warmup_iterations=1, lr_steps=(),
         checkpoint_every=2, augment=False, precise_bn_batches=0,
@@ -104,12 +112,14 @@ def main(workdir: Path) -> None:
     report["train_iteration"] = trained.metrics.get("iteration")
     report["train_weight_spread"] = trained.metrics.get("weight_spread")
     report["train_model"] = Path(trained.model_uri).is_file()
+    lap("cpu_train")
 
     score_pool(out_uri=str(workdir / "spread"), num_actors=3, **common)
     spread = read_scores(str(workdir / "spread"))
     report["spread_ids"] = sorted(spread.column("image_id").to_pylist()) == sorted(r.image_id for r in records)
     report["spread_nodes"] = len(nodes_of(spread))
     report["spread_on_head"] = head in nodes_of(spread)
+    lap("cpu_spread")
     out = workdir / "removed"
     run = threading.Thread(target=lambda: score_pool(out_uri=str(out), num_actors=3, **common))
     run.start()
@@ -123,15 +133,18 @@ def main(workdir: Path) -> None:
     report["removed_rows"] = removed.num_rows
     report["removed_ids"] = len(set(removed.column("image_id").to_pylist()))
     cluster.remove_node(cpu_nodes[1])
+    lap("cpu_removed")
 
     # 2. The files' GPU shape.
     gpu_nodes = [cluster.add_node(num_cpus=c, num_gpus=g, **node_args()) for c, g in shape["workers"]]
     cluster.wait_for_nodes()
     ids = {n.node_id[:12] for n in gpu_nodes}
+    lap("gpu_nodes")
     score_pool(out_uri=str(workdir / "gpu"), use_gpu=True, **common)  # decode tasks by default with use_gpu
     gpu = read_scores(str(workdir / "gpu"))
     report["gpu_workers"] = len(set(gpu.column("worker").to_pylist()))
     report["gpu_on_workers_only"] = nodes_of(gpu) <= ids and head not in nodes_of(gpu)
+    lap("gpu_score")
     model = load_model(spec, str(workdir / "model.pt"))
     reference = score_table(
         model, read_manifest(str(workdir / "pool")), batch_size=4, config=common["postprocess"], embedder=Embedder(16)
@@ -158,24 +171,28 @@ def main(workdir: Path) -> None:
     ours = embedding_matrix(pa.array(in_order, pa.binary()))
     report["gpu_embedding_gap"] = float(np.abs(ours - embedding_matrix(reference.column("embedding"))).max())
     report["gpu_embedding_dims"] = ours.shape[1]
+    lap("gpu_reference")
     metrics = evaluate_remote(
         str(workdir / "model.pt"), Dataset(records[:8], ("a", "b")), spec, use_gpu=True, batch_size=4
     )
     report["eval_on_worker"] = metrics["eval_node"][:12] in ids
     report["eval_images"] = metrics["num_images"]
+    lap("gpu_eval")
     start = time.monotonic()
     try:
         train_distributed(
             records=records[:16], spec=spec, recipe=recipe, storage_uri=str(workdir / "impossible"),
-            run_name="cycle-000", num_workers=len(gpu_nodes) + 1, use_gpu=True, placement_timeout_s=5,
+            run_name="cycle-000", num_workers=len(gpu_nodes) + 1, use_gpu=True, placement_timeout_s=2,
         )  # fmt: skip
         report["impossible"] = "placed"
     except PlacementError as error:
         report["impossible"] = str(error)
     report["impossible_s"] = time.monotonic() - start
     report["gpu_node_addresses"] = sorted({n.address for n in gpu_nodes})
+    lap("impossible")
     ray.shutdown()
     cluster.shutdown()
+    lap("shutdown")
     print(json.dumps(report))
 
 

@@ -4,17 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import RAY_TEST_ENV
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_training_scoring_and_eval_on_clusters_shaped_like_the_cluster_files(tmp_path):
-    env = {
-        **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
-        "PYTHONPATH": str(ROOT),
-    }
+    env = {**os.environ, **RAY_TEST_ENV, "PYTHONPATH": str(ROOT)}
     env.pop("RAY_ADDRESS", None)
     done = subprocess.run(
         [sys.executable, "-m", "tests.distributed.cluster_shapes", str(tmp_path)],
@@ -26,6 +22,7 @@ def test_training_scoring_and_eval_on_clusters_shaped_like_the_cluster_files(tmp
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
+    print("seconds per phase:", report["phase_s"])  # shown with -s or -rP
     assert report["head_cpus"] == 0  # as both files start the head
     # CPU-only shape: 2 training workers of 8 CPUs each placed on the two 8-CPU nodes, trained in step.
     assert report["train_iteration"] == 4 and report["train_weight_spread"] == 0 and report["train_model"]
