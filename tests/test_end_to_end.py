@@ -1,5 +1,9 @@
 """The product end to end on real Ray: a driver killed at three points and resumed, a Ray Job submitted to a
-`ray start --head` cluster on 127.0.0.1, and a run whose storage is an S3 bucket (moto)."""
+`ray start --head` cluster on 127.0.0.1, and a run whose storage is an S3 bucket (moto).
+
+Ray Train and Ray Data start-ups dominate these tests (about 20 s and 10 s each on 2 cores), so each run is
+paid once: the uninterrupted run in S3 (``tiny_run``) is also the reference the killed run must end equal to.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,7 @@ from almdn_ray.cli import app
 from almdn_ray.cycle import RunLayout, labeled_ids
 from almdn_ray.data.demo import DemoConfig, build_demo
 from almdn_ray.state import load_state
+from tests.conftest import RAY_TEST_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -38,9 +44,7 @@ def start_head(**auth):
     gcs, dashboard = free_port(), free_port()
     env = {
         **os.environ,
-        "RAY_AUTH_MODE": "disabled",
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+        **RAY_TEST_ENV,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         # The cluster's own S3 credentials (moto takes any); no endpoint: a job must bring storage.endpoint.
         "AWS_ACCESS_KEY_ID": "cluster-key-id",
@@ -174,11 +178,28 @@ def stages_entered(log: Path) -> list[str]:
     ]
 
 
-def test_a_driver_killed_in_train_in_score_and_after_select_resumes_to_the_same_result(cluster, demo, tmp_path):
-    reference_job = write_job(tmp_path / "reference.yaml", demo, str(tmp_path / "reference"))
-    reference = start_driver(reference_job, cluster, tmp_path / "reference.log")
-    assert reference.wait(timeout=600) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+@pytest.fixture(scope="module")
+def tiny_run(ray_session, s3_endpoint, demo, tmp_path_factory) -> str:
+    """The job uninterrupted (two cycles), its storage in an S3 bucket (moto), with the Ray stages in this
+    process: checked by test_a_tiny_run_with_its_storage_in_s3, and the reference for the killed run (the
+    stages are deterministic on the same 2-CPU worker shape, wherever the storage and the driver are)."""
+    import boto3
 
+    from almdn_ray.config import load_spec
+    from almdn_ray.cycle import Driver
+    from almdn_ray.distributed.stages import ray_stage_functions
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    run = f"s3://{bucket}/runs/tiny"
+    spec = load_spec(write_job(tmp_path_factory.mktemp("tiny") / "job.yaml", demo, run))
+    assert Driver(spec, ray_stage_functions()).run().status == "finished"
+    return run
+
+
+def test_a_driver_killed_in_train_in_score_and_after_select_resumes_to_the_same_result(
+    cluster, demo, tiny_run, tmp_path
+):
     run = tmp_path / "run"
     job = write_job(tmp_path / "job.yaml", demo, str(run))
     layout = RunLayout(str(run))
@@ -207,7 +228,7 @@ def test_a_driver_killed_in_train_in_score_and_after_select_resumes_to_the_same_
     state = load_state(str(run))
     done = [(h["cycle"], h["stage"]) for h in state.history]
     assert state.status == "finished" and len(done) == len(set(done)) == 7
-    expected = RunLayout(str(tmp_path / "reference"))
+    expected = RunLayout(tiny_run)  # the same job, never interrupted
     for k in range(2):
         assert labeled_ids(layout, k) == labeled_ids(expected, k)
     assert len(set(labeled_ids(layout, 1))) == 16  # 10 + 6, none twice
@@ -266,15 +287,9 @@ def test_submit_with_storage_endpoint_runs_on_s3_and_sends_no_credentials(
     assert metrics["num_images"] == 8 and metrics["eval_node"]  # EVAL ran as a Ray task
 
 
-def test_a_tiny_run_with_its_storage_in_s3(ray_session, demo, s3_bucket, tmp_path):
-    from almdn_ray.config import load_spec
-    from almdn_ray.cycle import Driver
-    from almdn_ray.distributed.stages import ray_stage_functions
-
-    run = f"{s3_bucket}/runs/tiny"
-    spec = load_spec(write_job(tmp_path / "job.yaml", demo, run))
-    state = Driver(spec, ray_stage_functions()).run()
-    assert state.status == "finished"
+def test_a_tiny_run_with_its_storage_in_s3(tiny_run):
+    run = tiny_run
+    assert load_state(run).status == "finished"
     layout = RunLayout(run)
     assert storage.exists(layout.cycle(1, "train", "model.pt"))
     assert any("/cycle-001/checkpoint_" in f for f in storage.list_files(layout.cycle(1, "train")))
@@ -315,7 +330,38 @@ def test_submit_logs_and_stop_with_token_authentication(demo, tmp_path):
         stop_head(head)
 
 
-def test_a_two_strategy_experiment_on_ray_writes_a_paired_table(ray_session, demo, tmp_path):
+def train_here(records, spec, job, storage_uri, run_name, init):
+    """TRAIN in this process (train_worker, as each Ray Train worker runs it): the experiment's own Ray parts are
+    its scoring actors and EVAL tasks; Ray Train in the cycle is run by the tests above, once per cycle each."""
+    import io
+
+    import torch
+
+    from almdn_ray.data.transforms import DetectionDataset, eval_transform, train_transform
+    from almdn_ray.training import LocalContext, train_worker
+
+    recipe = job.train
+    transform = (
+        train_transform(spec.input_size, flip=recipe.flip) if recipe.augment else eval_transform(spec.input_size)
+    )
+    weights = torch.load(io.BytesIO(storage.read_bytes(init)), weights_only=True) if init else None
+    model = train_worker(
+        spec=spec, dataset=DetectionDataset(records, transform), recipe=recipe, context=LocalContext(),
+        init_weights=weights,
+    )  # fmt: skip
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    storage.write_bytes(storage.join(storage_uri, "model.pt"), buffer.getvalue())
+    return storage.join(storage_uri, "model.pt")
+
+
+def test_a_two_strategy_experiment_on_ray_writes_a_paired_table(ray_session, demo, tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    from almdn_ray.distributed import stages
+
+    on_ray = stages.ray_stage_functions
+    monkeypatch.setattr(stages, "ray_stage_functions", lambda *a, **k: replace(on_ray(*a, **k), train=train_here))
     job = write_job(tmp_path / "job.yaml", demo, str(tmp_path / "unused"))
     spec = yaml.safe_load(job.read_text())
     spec["train"].update(max_iterations=4, checkpoint_every=2)
