@@ -52,7 +52,7 @@ export -f environment demo_data
 : >"$OUT/steps.txt"
 step 0-environment 60 bash -c environment
 step 1-demo-data 60 bash -c demo_data
-step 2-cuda-tests 90 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m cuda tests/
+step 2-cuda-tests 150 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m cuda tests/
 step 3-gpu-bench 600 python3 bench/gpu.py --workdir "$WORK" --budget-s $(($(left) - 30))
 cp "$WORK/run.log" "$WORK/run/logs/driver.log" "$WORK/run/state.json" "$OUT/" 2>/dev/null
 echo "done, $(left) s left of the budget" | tee -a "$OUT/steps.txt"
