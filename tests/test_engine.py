@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.data import Dataset
 from torchvision.ops import box_iou
 
-from almdn_ray import acquisition, engine
+from almdn_ray import acquisition, engine, scoring
 from almdn_ray.model import ModelSpec, PostprocessConfig
 from almdn_ray.training import LocalContext, TrainRecipe, train_worker
 
@@ -103,6 +103,23 @@ def test_predictions_feed_the_acquisition_summaries(trained):
     summaries = acquisition.summarize(image_index, values, len(detections), entropy)
     assert summaries["n_det"].tolist() == [len(d.scores) for d in detections]
     np.testing.assert_allclose(summaries["cls_ep_max"][0], detections[0].cls_ep.max().item(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("min_confidence", [0.5, 0.0])
+def test_batched_scoring_of_a_trained_model_equals_the_per_image_reference(trained, min_confidence):
+    """A model with realistic detections (its few objects, and the low tail at confidence 0): the scoring
+    summaries and the detections equal the per-image loop's."""
+    from tests.test_scoring import reference_rows
+
+    model, images = trained[0], trained[1]
+    pixels = (images * 255).round().to(torch.uint8).numpy()
+    config = PostprocessConfig(min_confidence=min_confidence)
+    rows = scoring.score_images(model, ["a", "b", "c", "d"], decoded=(pixels, [None] * 4), config=config)
+    expected = reference_rows(model, pixels, [None] * 4, config)
+    assert rows["n_det"].tolist() == expected["n_det"].tolist() and rows["n_det"].min() >= 1
+    assert rows["top_class"].tolist() == expected["top_class"].tolist()
+    for name in acquisition.summary_columns():
+        np.testing.assert_allclose(rows[name], expected[name], rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 def test_recalibrate_batch_norm_uses_exact_statistics():
