@@ -29,7 +29,7 @@ from almdn_ray.data.labelfiles import (
     name_candidates,
     read_label_file,
 )
-from almdn_ray.data.records import DataProblems, ImageRecord, normalise_name
+from almdn_ray.data.records import DataProblems, ImageRecord, Prediction, normalise_name
 from almdn_ray.layout import RunLayout, labeled_ids
 from almdn_ray.state import load_state
 
@@ -46,15 +46,6 @@ OVERRUN_TOLERANCE_PX = 1.0  # a box past the image edge by at most this is clipp
 
 class LabelImportError(ValueError):
     """A labels file that cannot be imported; nothing was changed."""
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One model detection offered to the labeller: ``box`` xyxy in the image's pixels, ``label`` 1..C."""
-
-    box: tuple[float, float, float, float]
-    label: int
-    score: float
 
 
 @dataclass(frozen=True)

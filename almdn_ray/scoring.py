@@ -21,6 +21,7 @@ from torchvision.transforms import v2
 
 from almdn_ray import acquisition, engine, storage
 from almdn_ray.data.images import ImageReadError, read_image
+from almdn_ray.data.records import Prediction
 from almdn_ray.model.anchors import make_box_coder
 from almdn_ray.model.detector import SSDGMM, ModelSpec
 from almdn_ray.model.embeddings import Embedder
@@ -187,10 +188,8 @@ def detect_records(
     batch_size: int = 16,
     on_batch=None,
 ) -> dict:
-    """``image_id -> [labels.Prediction]``: the model's detections with confidence >= ``min_score`` on each
+    """``image_id -> [Prediction]``: the model's detections with confidence >= ``min_score`` on each
     record's image, in that image's own pixels (unreadable images get none, logged)."""
-    from almdn_ray.labels import Prediction
-
     config = PostprocessConfig(min_confidence=min_score)
     out = {}
     for start in range(0, len(records), batch_size):

@@ -11,7 +11,18 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageRecord", "Dataset", "DataProblems", "DatasetError", "clip_boxes", "normalise_name"]
+__all__ = [
+    "ImageRecord", "Prediction", "Dataset", "DataProblems", "DatasetError", "clip_boxes", "normalise_name",
+]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One model detection offered to the labeller: ``box`` xyxy in the image's pixels, ``label`` 1..C."""
+
+    box: tuple[float, float, float, float]
+    label: int
+    score: float
 
 
 @dataclass(frozen=True)
