@@ -134,7 +134,7 @@ def write_job(path: Path, demo, run_uri: str, *, cycles: int = 2, endpoint: str 
         "dataset": {"train": str(demo["pool"]), "test": str(demo["test"])},
         "model": {"preset": "ssdlite320_mobilenet_v3", "image_size": 96},
         "train": {
-            "max_iterations": 16,
+            "max_iterations": 8,  # two checkpoints: the first is the kill point inside TRAIN
             "batch_size": 4,
             "optimizer": "adam",
             "lr": 0.003,
