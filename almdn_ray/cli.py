@@ -120,7 +120,7 @@ def data_validate(
     check_images: bool = typer.Option(True, help="Decode every image once."),
 ) -> None:
     """Summarise a dataset (images, boxes per class, problems by file); exit 1 when it is unusable."""
-    from almdn_ray.data.validate import validate_dataset
+    from almdn_ray.data.validate import report_lines, validate_dataset
 
     class_list = [c.strip() for c in classes.split(",")] if classes else None
     try:
@@ -146,12 +146,11 @@ def data_validate(
         )
         for name, count in dataset.boxes_per_class().items():
             typer.echo(f"  {name}: {count}")
-    for kind, count in sorted(report.problems.counts.items()):
-        typer.echo(f"warning: {count} {kind}")
-        for line in report.problems.examples(kind):
-            typer.echo(f"  {line}")
-    for line in report.problems.errors + report.unreadable_images:
-        typer.secho(f"problem: {line}", fg=typer.colors.RED)
+    for level, line in report_lines(report):
+        if level == "problem":
+            typer.secho(f"problem: {line}", fg=typer.colors.RED)
+        else:
+            typer.echo(f"{level}: {line}" if level else line)
     if not report.usable:
         raise _fail(f"{path} is not usable as it is: fix the problems listed above")
     typer.echo("usable: yes")

@@ -471,3 +471,21 @@ def test_the_cli_exports_for_label_studio_with_predictions_and_imports_its_expor
     result = cli.invoke(app, ["labels", "import", str(run), str(path)])  # again before `run`: replaces them
     assert result.exit_code == 0
     assert cli.invoke(app, ["labels", "export", str(run), "--format", "yolo"]).exit_code == 1
+
+
+@pytest.mark.skipif(not SAMPLES.exists(), reason="../shared/labeltool-samples is not here")
+def test_validate_finds_a_label_studio_exports_images_by_basename_windows_paths_too(tmp_path):
+    from tests.conftest import encode_image, random_image
+
+    coco = json.loads((SAMPLES / "labelstudio-coco" / "result.json").read_text())
+    for n, image in enumerate(coco["images"]):
+        base = name_candidates(image["file_name"])[-1].rsplit("/", 1)[-1]  # the upload hash undone
+        (tmp_path / base).write_bytes(encode_image(random_image(image["width"], image["height"])))
+        if n % 2:
+            image["file_name"] = image["file_name"].replace("/", "\\")  # exported on Windows
+    (tmp_path / "result.json").write_text(json.dumps(coco))
+    result = CliRunner().invoke(app, ["data", "validate", str(tmp_path / "result.json")])
+    assert result.exit_code == 0, result.output
+    assert "warning: 11 images found by another name" in result.output and "  … and 6 more" in result.output
+    assert "images/36c114a4-D-45703-010_1.png: found as D-45703-010_1.png" in result.output
+    assert "missing" not in result.output.replace(str(tmp_path), "")
