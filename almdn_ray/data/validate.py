@@ -101,6 +101,7 @@ class ValidationReport:
             and not self.problems.errors
             and not self.unreadable_images
             and not self.missing_images
+            and not self.problems.counts.get(FOUND_ELSEWHERE)  # the readers take the name as written
             and len(self.dataset.records) > 0
         )
 
@@ -137,8 +138,8 @@ def _read_somewhere(uri: str, root: str, problems: DataProblems) -> tuple[str, t
             written, found = (u[len(root) + 1 :] if root and u.startswith(root + "/") else u for u in (uri, other))
             problems.warn(
                 FOUND_ELSEWHERE,
-                f"{written}: found as {found}; training reads the name as written, so rename it in the "
-                "labels file (or move the image there)",
+                f"{written}: found as {found}; `run` reads the name as written, so rename it in the labels "
+                "file (or move the image there)",
             )
             return other, read_image(other)
     return None
@@ -211,7 +212,8 @@ def report_lines(report: ValidationReport, *, examples: int = 5) -> list[tuple[s
     """
     lines = []
     for kind, count in sorted(report.problems.counts.items()):
-        lines.append(("warning", f"{count} {kind}"))
+        # An image found only by another name is not read by `run`, `pool build` or EVAL: a problem to fix.
+        lines.append(("problem" if kind == FOUND_ELSEWHERE else "warning", f"{count} {kind}"))
         lines += [("", f"  {line}") for line in report.problems.examples(kind, examples)]
         if count > examples:
             lines.append(("", f"  … and {count - examples} more"))
