@@ -151,10 +151,11 @@ def _device_rows(model, batch, config, bf16, embedder, members, mc_passes):
     values = torch.stack([found.loc_al, found.loc_ep, found.cls_al, found.cls_ep], dim=1)  # [M, 4]
     device_columns = image_summaries(found.image, values, num, acquisition.TERMS)
     counts = rows_per_image(found.image, num)
+    starts = counts.cumsum(0) - counts  # each image's first row: rows sort by image, then score
     device_columns["n_det"] = counts
     entropy_max = torch.full((num,), -math.inf, dtype=torch.float64, device=batch.device)
     device_columns["entropy_max"] = entropy_max.scatter_reduce(0, found.image, found.entropy.double(), reduce="amax")
-    first = (counts.cumsum(0) - counts).clamp(max=max(found.labels.numel() - 1, 0))  # rows sort by image, score
+    first = starts.clamp(max=max(found.labels.numel() - 1, 0))
     labels = found.labels if found.labels.numel() else torch.zeros(1, dtype=torch.long, device=batch.device)
     device_columns["top_class"] = torch.where(counts > 0, labels[first], -1)
     if members or mc_passes > 1:
@@ -168,11 +169,12 @@ def _device_rows(model, batch, config, bf16, embedder, members, mc_passes):
     columns = {n: packed[:, j].astype(np.int64) if n in _INT_COLUMNS else packed[:, j] for j, n in enumerate(names)}
     if embedder is None:
         return columns, None
-    rank = torch.arange(found.image.numel(), device=batch.device) - (counts.cumsum(0) - counts)[found.image]
-    chosen = rank < embedder.max_objects  # the first (most confident) detections of each image
+    most = min(embedder.max_objects, MAX_OBJECT_EMBEDDINGS)  # bounds the score files, as the schema says
+    rank = torch.arange(found.image.numel(), device=batch.device) - starts[found.image]
+    chosen = rank < most  # the first (most confident) detections of each image
     objects = embedder.objects_flat(features, found.image[chosen], found.boxes[chosen], batch.shape[-1])
     image_rows = embedder.images(features).half().cpu().numpy()
-    per_image = counts.clamp(max=embedder.max_objects).cpu().numpy()
+    per_image = counts.clamp(max=most).cpu().numpy()
     return columns, (image_rows, objects.half().cpu().numpy(), per_image)
 
 
