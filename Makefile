@@ -24,7 +24,7 @@ lint: install
 # What the tests use for real besides .venv (Debian's chromium, a Label Studio server in a venv of its own):
 # each tests/tools/install_*.sh installs one, and returns at once when it is already there.
 test-tools: install
-	@for script in tests/tools/install_*.sh; do [ -e "$$script" ] && bash "$$script"; done; true
+	@for script in tests/tools/install_*.sh; do if [ -e "$$script" ]; then bash "$$script" || exit 1; fi; done
 
 test: lint test-tools
 	$(BIN)/pytest
