@@ -137,7 +137,11 @@ def test_a_simulation_run_needs_the_labels_of_every_pool_image(tmp_path, test_sp
 def test_an_unfinished_pool_build_is_not_taken_for_a_pool(tmp_path, test_split):
     manifest = synthetic_manifest(tmp_path / "manifest", 30, rows_per_shard=10)
     (tmp_path / "manifest" / MARKER).unlink()
-    with pytest.raises(ValueError, match=r"no _MANIFEST.json: `pool build` did not finish; run the same"):
+    with pytest.raises(
+        ValueError,
+        match=r"no _MANIFEST.json, so it is not a sealed pool manifest. If `almdn-ray pool build` wrote them, it did "
+        "not finish",
+    ):
         Driver(manifest_job(tmp_path / "run", manifest, test_split), Recorder().functions()).run()
     assert not (tmp_path / "run" / "pool").exists()
 

@@ -39,7 +39,8 @@ def test_a_manifest_that_pool_build_did_not_finish_is_refused_as_run_refuses_it(
     (tmp_path / "half" / MARKER).unlink()  # an interrupted `pool build`
     result = cli.invoke(app, ["pool", "add", run, half])
     assert result.exit_code == 1, result.output
-    assert f"{half} has manifest shards but no {MARKER}: `pool build` did not finish; run the same" in result.output
+    assert f"{half} has manifest-*.parquet shards but no {MARKER}, so it is not a sealed" in result.output
+    assert "`almdn-ray pool build` wrote them, it did not finish: run the same command again" in result.output
     assert len(pool_ids(run)) == 30
 
 

@@ -21,9 +21,14 @@ def data_validate(
     check_images: bool = typer.Option(True, help="Decode every image once."),
 ) -> None:
     """Summarise a dataset (images, boxes per class, problems by file); exit 1 when it is unusable."""
-    from almdn_ray.data.validate import report_lines, validate_dataset
+    from almdn_ray.data.validate import detect_format, report_lines, validate_dataset
 
     class_list = [c.strip() for c in classes.split(",")] if classes else None
+    try:
+        if detect_format(path) == "listing":
+            return _validate_listing(path)
+    except (FileNotFoundError, OSError) as error:
+        raise fail(str(error)) from error
     try:
         with progress("checking images", None) as advance:
             report = validate_dataset(
@@ -55,6 +60,19 @@ def data_validate(
     if not report.usable:
         raise fail(f"{path} is not usable as it is: fix the problems listed above")
     typer.echo("usable: yes")
+
+
+def _validate_listing(path: str) -> None:
+    """A listing of image URIs (default columns): what `pool build` would make of it, or every problem."""
+    from almdn_ray.data.listing import ListingError, read_listing
+
+    try:
+        table = read_listing(path)
+    except ListingError as error:
+        raise fail(f"{error}\n(see `almdn-ray pool build --help` for the column options)") from error
+    sized = table.num_rows - table.column("width").null_count
+    typer.echo(f"{path} (listing of image URIs)\nimages: {table.num_rows}, with sizes: {sized}")
+    typer.echo(f"usable: yes, as a pool: `almdn-ray pool build {path} OUT`")
 
 
 @data_app.command("demo")

@@ -17,6 +17,9 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".ti
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+HEADER_BYTES = 64 * 1024  # what image_size reads first
+
+
 class ImageReadError(OSError):
     """An image file is missing, truncated or not an image; the message names the URI."""
 
@@ -96,11 +99,22 @@ def read_image(uri: str) -> torch.Tensor:
 
 
 def image_size(uri: str) -> tuple[int, int]:
-    """``(width, height)`` from the image header, without decoding the pixels."""
+    """``(width, height)`` from the image header, without decoding the pixels: the file's first 64 KiB are
+    read (every header we know fits, EXIF thumbnails included), the whole file only when they do not do."""
+    fs, path = storage.resolve(uri)
     try:
-        data = storage.read_bytes(uri)
+        with fs.open_input_file(path) as f:
+            head = f.read(HEADER_BYTES)
+            whole = len(head) < HEADER_BYTES
     except FileNotFoundError as error:
         raise ImageReadError(f"{uri}: image file is missing") from error
+    try:
+        with Image.open(io.BytesIO(head)) as image:
+            return image.size
+    except (UnidentifiedImageError, OSError) as error:
+        if whole:
+            raise ImageReadError(f"{uri}: not a readable image ({error}); re-export or remove it") from error
+    data = storage.read_bytes(uri)
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.size

@@ -106,10 +106,13 @@ def write_marker(folder: str, shards: list[str], rows: int, **extra) -> None:
 
 
 def unfinished_build(folder: str) -> str:
-    """Why a manifest folder without its marker is refused, and the fix (``run``, ``pool add``: the same words)."""
+    """Why a manifest folder without its marker is refused, and the fix in both cases (``run``, ``pool add``:
+    the same words): a ``pool build`` that did not finish, or Parquet shards a team's own job wrote."""
     return (
-        f"{folder} has manifest shards but no {MARKER}: `pool build` did not finish; run the same "
-        "`almdn-ray pool build` again to complete it (it resumes)"
+        f"{folder} has manifest-*.parquet shards but no {MARKER}, so it is not a sealed pool manifest. If "
+        "`almdn-ray pool build` wrote them, it did not finish: run the same command again (it resumes). If your "
+        f"own job wrote them, they are a listing: `almdn-ray pool build {folder} OUT` makes a manifest of them "
+        "(see `pool build --help` for the column options), then give OUT"
     )
 
 

@@ -40,6 +40,7 @@ class Pool:
     table: pa.Table
     classes: tuple[str, ...]
     labels: dict[str, ImageRecord] = field(default_factory=dict)
+    _sizes: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)  # read from headers (rows)
 
     @property
     def num_classes(self) -> int:
@@ -53,17 +54,40 @@ class Pool:
         return self.table.column("image_id")
 
     def rows(self, ids: Sequence[str]) -> dict[str, tuple[str, int, int]]:
-        """``image_id -> (uri, width, height)`` of the given ids; a missing id raises ``KeyError`` naming it."""
+        """``image_id -> (uri, width, height)`` of the given ids; a missing id raises ``KeyError`` naming it.
+
+        A pool built from a listing without sizes has them empty: they are read here from the image headers
+        (in parallel, once per pool object), so the stages that need them (labelling export and import,
+        training) have them; an image that cannot be read then raises :class:`ImageReadError` naming it.
+        """
         wanted = pa.array(list(ids), pa.string())
         found = self.table.filter(pc.is_in(self.table.column("image_id"), wanted))
-        out = {
-            i: (u, int(w), int(h))
-            for i, u, w, h in zip(*(found.column(c).to_pylist() for c in ("image_id", "uri", "width", "height")))
-        }
+        out = dict(
+            zip(
+                found.column("image_id").to_pylist(),
+                zip(*(found.column(c).to_pylist() for c in ("uri", "width", "height"))),
+            )
+        )
         missing = [i for i in ids if i not in out]
         if missing:
             raise KeyError(f"image id(s) not in the pool: {missing[:10]}")
-        return out
+        unknown = [i for i, (uri, w, h) in out.items() if (w is None or h is None) and i not in self._sizes]
+        if unknown:
+            self._read_sizes({i: out[i][0] for i in unknown})
+        return {
+            i: (uri, *self._sizes[i]) if w is None or h is None else (uri, int(w), int(h))
+            for i, (uri, w, h) in out.items()
+        }
+
+    def _read_sizes(self, uris: dict[str, str]) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        from almdn_ray.data.images import image_size
+
+        logger.info("reading the sizes of %d pool images from their headers (the manifest has none)", len(uris))
+        with ThreadPoolExecutor(max_workers=min(16, len(uris))) as threads:  # I/O bound: S3 round trips
+            for image_id, size in zip(uris, threads.map(image_size, uris.values())):
+                self._sizes[image_id] = size
 
     def records(self, ids: Sequence[str]) -> list[ImageRecord]:
         """Records of ``ids`` in that order: the ground truth where it exists, else no boxes."""

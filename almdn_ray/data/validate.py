@@ -36,10 +36,15 @@ def _starts_with_list(path: str) -> bool:
 
 def detect_format(path: str) -> str:
     """``"coco"`` for a COCO ``.json`` file, ``"labelstudio"`` for a Label Studio tasks ``.json`` (a list),
-    ``"voc"`` for a devkit folder (or a VOC ``.zip``), ``"images"`` for a folder of images."""
+    ``"voc"`` for a devkit folder (or a VOC ``.zip``), ``"listing"`` for a listing of image URIs (a
+    ``.parquet``, ``.csv`` or ``.jsonl`` file or a folder of them), ``"images"`` for a folder of images."""
     lower = str(path).lower()
     if lower.endswith(".json"):
         return "labelstudio" if _starts_with_list(path) else "coco"
+    if lower.endswith((".parquet", ".pq", ".csv", ".jsonl", ".ndjson")):
+        if not storage.exists(path):
+            raise FileNotFoundError(f"{path} does not exist")
+        return "listing"
     if lower.endswith(".zip"):
         return "voc"
     if not storage.exists(path):
@@ -48,7 +53,9 @@ def detect_format(path: str) -> str:
         storage.exists(storage.join(path, f"VOC20{y:02d}")) for y in range(5, 13)
     ):
         return "voc"
-    return "images"
+    from almdn_ray.data.listing import listing_kind
+
+    return "listing" if listing_kind(path) is not None else "images"
 
 
 def read_dataset(
@@ -70,6 +77,11 @@ def read_dataset(
             raise DatasetError(path, problems) from error
     if kind == "voc":
         return read_voc(path, split=split, classes=classes)
+    if kind == "listing":
+        raise ValueError(
+            f"{path} is a listing of images (Parquet, CSV or JSON lines), not an annotated dataset: make it a pool "
+            f"manifest with `almdn-ray pool build {path} OUT` and give OUT (as dataset.train, or to `pool add`)"
+        )
     raise ValueError(
         f"{path} is neither a COCO JSON nor a VOC devkit folder (it has no Annotations/ or "
         "VOC20xx/); for a plain image folder use `almdn-ray pool build`"
