@@ -47,7 +47,7 @@ def test_a_manifest_that_pool_build_did_not_finish_is_refused_as_run_refuses_it(
 def test_an_image_without_an_id_is_refused_with_its_row(started):
     run, job = started
     rows = {"image_id": ["new/1", None], "uri": ["/x/1.png", "/x/2.png"], "width": [8, 8], "height": [6, 6]}
-    with pytest.raises(PoolAddError, match=r"new.json: row\(s\) \[1\] have no image_id"):
+    with pytest.raises(PoolAddError, match=r"new.json: 1 row\(s\) have no image_id \(null or empty\): 1;"):
         add_to_pool(run, job, pa.table(rows), "new.json")
     assert len(pool_ids(run)) == 30
 

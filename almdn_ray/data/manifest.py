@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 
 from almdn_ray import storage
 from almdn_ray.data.images import IMAGE_SUFFIXES, ImageReadError, image_size
-from almdn_ray.data.records import Dataset
+from almdn_ray.data.records import Dataset, shortened
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def check_unique_ids(ids: pa.ChunkedArray | pa.Array, where: str) -> None:
     if pc.any(missing).as_py():
         rows = pc.indices_nonzero(missing).to_pylist()
         raise ValueError(
-            f"{where}: row(s) {rows[:10]}{' …' * (len(rows) > 10)} have no image_id (null or empty); give every "
+            f"{where}: {len(rows)} row(s) have no image_id (null or empty): {shortened(rows, 10)}; give every "
             "image an id"
         )
     if pc.count_distinct(ids).as_py() == len(ids):  # the common case, without a table of counts
@@ -177,7 +177,8 @@ def check_unique_ids(ids: pa.ChunkedArray | pa.Array, where: str) -> None:
     repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
     if len(repeated):
         raise ValueError(
-            f"{where}: duplicate image id(s) {repeated.to_pylist()[:10]}; image ids must be unique in a pool"
+            f"{where}: {len(repeated)} duplicate image id(s): {shortened(repeated.to_pylist(), 10)}; image ids must be "
+            "unique in a pool"
         )
 
 

@@ -24,7 +24,7 @@ from almdn_ray.data.manifest import (
     read_marker,
     unfinished_build,
 )
-from almdn_ray.data.records import DataProblems, Dataset, DatasetError, ImageRecord
+from almdn_ray.data.records import DataProblems, Dataset, DatasetError, ImageRecord, shortened
 from almdn_ray.data.validate import read_dataset
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ class Pool:
         )
         missing = [i for i in ids if i not in out]
         if missing:
-            raise KeyError(f"image id(s) not in the pool: {missing[:10]}")
+            raise KeyError(f"{len(missing)} image id(s) not in the pool: {shortened(missing, 10)}")
         unknown = [i for i, (uri, w, h) in out.items() if (w is None or h is None) and i not in self._sizes]
         if unknown:
             self._read_sizes({i: out[i][0] for i in unknown})
@@ -125,7 +125,7 @@ def _labels_for(table: pa.Table, dataset: Dataset, source: str) -> dict[str, Ima
         problems = DataProblems()
         problems.error(
             f"{source}: {len(unknown)} labelled image(s) are not in the pool manifest (by id or URI), e.g. "
-            f"{unknown[:5]}; add them to the pool (`almdn-ray pool build`) or remove them from the labels"
+            f"{shortened(unknown, 5)}; add them to the pool (`almdn-ray pool build`) or remove them from the labels"
         )
         raise DatasetError(source, problems)
     return out

@@ -76,6 +76,12 @@ class DataProblems:
             )
 
 
+def shortened(items: Sequence, limit: int = 3) -> str:
+    """``"a, b, c … and N more"``: the first ``limit`` items (as ``str``), and how many were left out."""
+    more = f" … and {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(str(i) for i in list(items)[:limit]) + more
+
+
 class DatasetError(ValueError):
     """A dataset that cannot be used as it is; the message lists every error found, with its file."""
 

@@ -12,7 +12,7 @@ from almdn_ray import storage
 from almdn_ray.data.coco import read_coco
 from almdn_ray.data.images import ImageReadError, read_image
 from almdn_ray.data.labelfiles import name_candidates
-from almdn_ray.data.records import DataProblems, Dataset, DatasetError, normalise_name
+from almdn_ray.data.records import DataProblems, Dataset, DatasetError, normalise_name, shortened
 from almdn_ray.data.voc import read_voc
 
 if TYPE_CHECKING:
@@ -86,12 +86,6 @@ def read_dataset(
         f"{path} is neither a COCO JSON nor a VOC devkit folder (it has no Annotations/ or "
         "VOC20xx/); for a plain image folder use `almdn-ray pool build`"
     )
-
-
-def shortened(items: Sequence[str], limit: int = 3) -> str:
-    """``"a, b, c … and N more"``: the first ``limit`` items, and how many were left out."""
-    more = f" … and {len(items) - limit} more" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
 
 
 @dataclass

@@ -77,10 +77,10 @@ def test_a_null_or_empty_image_id_is_refused_with_its_row(tmp_path):
 
     from almdn_ray.data.manifest import check_unique_ids, write_manifest_table
 
-    with pytest.raises(ValueError, match=r"new.json: row\(s\) \[1, 3\] have no image_id"):
+    with pytest.raises(ValueError, match=r"new.json: 2 row\(s\) have no image_id \(null or empty\): 1, 3;"):
         check_unique_ids(pa.chunked_array([["a", None], ["b", ""]]), "new.json")
     table = pa.table({"image_id": ["a", None], "uri": ["a.png", "b.png"], "width": [1, 1], "height": [1, 1]})
-    with pytest.raises(ValueError, match=r"row\(s\) \[1\] have no image_id"):
+    with pytest.raises(ValueError, match=r"1 row\(s\) have no image_id \(null or empty\): 1;"):
         write_manifest_table(table, str(tmp_path / "pool"))
 
 
