@@ -76,3 +76,20 @@ def test_an_id_prefix_lets_a_new_week_repeat_the_file_names(started, tmp_path):
     assert result.exit_code == 0, result.output
     assert pool_ids(run)[-2:] == ["IMG_0001", "week2/IMG_0001"]
     assert read_marker(RunLayout(run).pool)["additions"][-1]["id_prefix"] == "week2/"
+
+
+def test_a_listing_of_new_keys_is_added_without_sizes(started, tmp_path):
+    run, _ = started
+    listing = tmp_path / "week2.csv"
+    listing.write_text("object_key,bytes\nraw/week2/a.jpg,10\nraw/week2/b.jpg,11\n")
+    result = cli.invoke(
+        app, ["pool", "add", run, str(listing), "--uri-column", "object_key", "--uri-prefix", "s3://bucket/"]
+    )
+    assert result.exit_code == 0, result.output
+    added = read_manifest(RunLayout(run).pool).slice(30).to_pydict()
+    assert added == {
+        "image_id": ["raw/week2/a", "raw/week2/b"],
+        "uri": ["s3://bucket/raw/week2/a.jpg", "s3://bucket/raw/week2/b.jpg"],
+        "width": [None, None],
+        "height": [None, None],
+    }
