@@ -238,11 +238,10 @@ def read_listing(
             if chosen.image_id
             else "derived from the URIs: give --id-column"
         )
-        for column, what in (
-            ("image_id", f"repeated image ids ({id_fix})"),
-            ("uri", "repeated URIs (one image listed twice)"),
-        ):
-            _repeats(table.column(column), places, [p.num_rows for p in parts], what, problems)
+        ids_repeat = _repeats(table.column("image_id"), places, parts, f"repeated image ids ({id_fix})", problems)
+        # Derived ids are a function of the URI: a repeated URI repeats its id, so unique ids mean unique URIs.
+        if chosen.image_id is not None or ids_repeat:
+            _repeats(table.column("uri"), places, parts, "repeated URIs (one image listed twice)", problems)
     if problems.kinds:
         lines = "\n  ".join(problems.lines())
         raise ListingError(f"{source}: the listing cannot become a pool manifest; nothing was written:\n  {lines}")
@@ -291,10 +290,11 @@ def _manifest_rows(batch: pa.RecordBatch, chosen: ListingColumns, name: str, off
     return pa.Table.from_arrays([ids, uris, *sizes], schema=MANIFEST_SCHEMA)
 
 
-def _repeats(values: pa.ChunkedArray, places, lengths: list[int], what: str, problems: _Problems) -> None:
-    """Values that occur more than once, each named with the rows that hold it."""
+def _repeats(values: pa.ChunkedArray, places, parts: list[pa.Table], what: str, problems: _Problems) -> bool:
+    """Values that occur more than once, each named with the rows that hold it; whether there were any."""
     if pc.count_distinct(values).as_py() == len(values):
-        return
+        return False
+    lengths = [p.num_rows for p in parts]
     counts = pc.value_counts(values)
     repeated = pc.filter(counts.field("values"), pc.greater(counts.field("counts"), 1))
     shown = repeated.slice(0, SHOWN)
@@ -310,6 +310,7 @@ def _repeats(values: pa.ChunkedArray, places, lengths: list[int], what: str, pro
         where.setdefault(value, []).append(f"{name} row {first + 1 + position - starts[batch]}")
     lines = [f"{value!r} in {', '.join(rows[:3])}" + (" …" if len(rows) > 3 else "") for value, rows in where.items()]
     problems.add(what, lines, count=len(repeated))  # counted by value, not by row
+    return True
 
 
 def build_listing_manifest(
@@ -327,14 +328,13 @@ def build_listing_manifest(
     Returns:
         The shard URIs.
     """
-    from almdn_ray.data.manifest import check_unique_ids, prefix_ids
+    from almdn_ray.data.manifest import prefix_ids
 
     marker = read_marker(out)
     if marker is not None:
         return [storage.join(out, n) for n in marker["shards"]]
     settings = {"source": str(source), **asdict(columns), "rows_per_shard": rows_per_shard, "id_prefix": id_prefix}
-    table = prefix_ids(read_listing(source, columns, on_rows=on_rows), id_prefix)
-    check_unique_ids(table.column("image_id"), str(source))
+    table = prefix_ids(read_listing(source, columns, on_rows=on_rows), id_prefix)  # ids checked unique there
     build_uri = storage.join(out, BUILD)
     started = storage.read_json(build_uri) if storage.exists(build_uri) else None
     if started is not None and started != {**settings, "rows": table.num_rows}:
