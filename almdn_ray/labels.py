@@ -37,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXPORT_FORMATS", "LabelImportError", "ImportSummary", "Prediction", "awaiting_cycle", "export_labels",
-    "import_labels", "imported_labels", "export_names", "predict_selection", "Awaited", "awaiting", "awaited_ids",
+    "import_labels", "import_label_file", "imported_labels", "labelstudio_tasks", "labelstudio_config",
+    "export_names", "predict_selection", "Awaited", "awaiting", "awaited_ids",
 ]  # fmt: skip
 
 EXPORT_FORMATS = ("coco", "labelstudio", "cvat")
@@ -102,7 +103,9 @@ def _labelstudio_url(uri: str, name: str, url_prefix: str | None) -> str:
     return "/data/local-files/?d=" + name  # served with LOCAL_FILES_DOCUMENT_ROOT set to the image root
 
 
-def _labelstudio_config(classes: Sequence[str]) -> str:
+def labelstudio_config(classes: Sequence[str]) -> str:
+    """The labelling config of a Label Studio project for the run: one ``RectangleLabels`` ``label`` on the
+    ``Image`` ``image``, a label per class."""
     labels = "\n".join(f"    <Label value={quoteattr(name)}/>" for name in classes)
     return (
         '<View>\n  <Image name="image" value="$image"/>\n  <RectangleLabels name="label" toName="image">\n'
@@ -110,7 +113,9 @@ def _labelstudio_config(classes: Sequence[str]) -> str:
     )
 
 
-def _labelstudio_tasks(records, names, scores, predictions, classes, k, url_prefix) -> list[dict]:
+def labelstudio_tasks(records, names, scores, predictions, classes, k, url_prefix) -> list[dict]:
+    """Label Studio tasks of ``records``: ``data`` (``image`` URL, ``almdn_image_id``, ``width``, ``height``) and,
+    when ``predictions`` is given, the detections as one prediction per task in percent of the image."""
     tasks = []
     for r in records:
         task = {
@@ -226,11 +231,11 @@ def export_labels(
     names = export_names(records, image_root)
     out = {}
     if fmt == "labelstudio":
-        tasks = _labelstudio_tasks(records, names, scores, predictions, pool.classes, k, url_prefix)
+        tasks = labelstudio_tasks(records, names, scores, predictions, pool.classes, k, url_prefix)
         out["labels"] = layout.cycle(k, "export", "to_label.labelstudio.json")
         storage.write_json(out["labels"], tasks)
         out["config"] = layout.cycle(k, "export", "labelstudio-config.xml")
-        storage.write_bytes(out["config"], _labelstudio_config(pool.classes).encode())
+        storage.write_bytes(out["config"], labelstudio_config(pool.classes).encode())
     else:
         coco = _coco_export(
             records, names, pool.classes, k, run, predictions if fmt == "cvat" else None, cvat=fmt == "cvat"
@@ -357,13 +362,20 @@ def import_labels(run: str, path: str, pool) -> ImportSummary:
     image (up to 1 px over the edge is clipped, with a warning). Any problem raises
     :class:`LabelImportError` listing each one by image and annotation, and nothing is written.
     """
-    layout = RunLayout(run)
-    waited = awaiting(run)
-    k = waited.cycle
+    awaiting(run)  # a run that waits for no labels is the first thing to say
     try:
         labels = read_label_file(path)
     except (LabelFileError, FileNotFoundError) as error:
         raise LabelImportError(str(error)) from error
+    return import_label_file(run, labels, pool)
+
+
+def import_label_file(run: str, labels: LabelFile, pool) -> ImportSummary:
+    """:func:`import_labels` of labels already read (``labels.source`` names them in every message)."""
+    layout = RunLayout(run)
+    waited = awaiting(run)
+    k = waited.cycle
+    path = labels.source
     problems = labels.problems
     selected = storage.read_parquet(waited.selection).column("image_id").to_pylist()
     by_id = {r.image_id: r for r in pool.records(selected)}

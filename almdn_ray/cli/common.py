@@ -23,7 +23,10 @@ pool_app = typer.Typer(
     help="Build the pool's Parquet manifest; add images to a run's pool; list its near-duplicates.",
     no_args_is_help=True,
 )
-labels_app = typer.Typer(help="Human labelling: export the selection, import the labels.", no_args_is_help=True)
+labels_app = typer.Typer(
+    help="Human labelling: export the selection, import the labels; or push to and pull from Label Studio.",
+    no_args_is_help=True,
+)
 app.add_typer(data_app, name="data")
 app.add_typer(pool_app, name="pool")
 app.add_typer(labels_app, name="labels")

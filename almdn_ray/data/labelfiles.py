@@ -26,7 +26,7 @@ from almdn_ray.data.records import DataProblems, Dataset, ImageRecord, clip_boxe
 
 __all__ = [
     "FileBox", "FileImage", "LabelFile", "LabelFileError", "read_label_file", "name_candidates",
-    "MULTIPLE_ANNOTATIONS_POLICY", "label_file_dataset",
+    "MULTIPLE_ANNOTATIONS_POLICY", "label_file_dataset", "read_labelstudio_tasks",
 ]  # fmt: skip
 
 MULTIPLE_ANNOTATIONS_POLICY = (
@@ -279,6 +279,12 @@ def _read_labelstudio(source: str, tasks: list, problems: DataProblems) -> Label
                 image.boxes.append(box)
         images.append(image)
     return LabelFile(source, "labelstudio", images, categories, problems)
+
+
+def read_labelstudio_tasks(source: str, tasks: list) -> LabelFile:
+    """Label Studio tasks (as its JSON export or its API gives them) read as :func:`read_label_file` reads
+    such a file; ``source`` names where they came from in every message."""
+    return _read_labelstudio(source, tasks, DataProblems())
 
 
 # ---- Pascal VOC (folder or zip) ---------------------------------------------------------------------------------
