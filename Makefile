@@ -37,7 +37,7 @@ validate-samples: install
 quickstart: install
 	$(BIN)/almdn-ray data demo data/demo --images 600 --test-images 200 --size 160
 	$(BIN)/almdn-ray run jobs/quickstart.yaml
-	@echo "report: runs/quickstart/report/report.md (curve: runs/quickstart/report/curve.png)"
+	@echo "report: runs/quickstart/report/report.md and report.html (curve: runs/quickstart/report/curve.png)"
 
 # The strategy comparison on the demo data (bench/results/experiment/): about an hour on 2 cores; resumable.
 EXPERIMENT := $(BIN)/almdn-ray experiment jobs/quickstart.yaml \

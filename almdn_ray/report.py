@@ -1,4 +1,5 @@
-"""Run status (from storage alone) and the report: learning curve, per-cycle table, most uncertain images."""
+"""Run status (from storage alone) and the report: learning curve, per-cycle table, most uncertain images
+(``report.md``), every selection's picks (``report.html``, :mod:`almdn_ray.report_html`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import io
 import logging
 
 import pyarrow.compute as pc
-import yaml
 
 from almdn_ray import diversity, reduce, storage
 from almdn_ray.acquisition import is_scored
@@ -98,70 +98,38 @@ def _curve(rows: list[dict]) -> bytes:
     return curve_png(draw, ylabel="mAP (IoU 0.5)")
 
 
-def _uncertain_pictures(run: str, layout: RunLayout, count: int) -> list[tuple[str, str]]:
-    """Draw the top selected images of the latest selection with their detections and uncertainties."""
+def _uncertain_pictures(layout: RunLayout, view: dict, count: int) -> list[tuple[str, str]]:
+    """Draw the top ``count`` picks of a selection (``report_html.selection_views``) with their detections."""
     from PIL import Image, ImageDraw
 
-    from almdn_ray import engine, scoring
-    from almdn_ray.config import spec_from_dict
     from almdn_ray.data.images import read_image
     from almdn_ray.data.manifest import read_manifest
-    from almdn_ray.data.transforms import eval_transform
-    from almdn_ray.layout import model_spec
 
-    state = load_state(run)
-    cycles = [k for k in range(state.cycle + 1) if storage.exists(layout.cycle(k, "selected.parquet"))]
-    if not cycles:
-        return []
-    k = cycles[-1]
-    job = spec_from_dict(yaml.safe_load(storage.read_bytes(layout.job)), layout.job)
-    classes = (
-        storage.read_json(layout.cycle(k, "metrics.json")).get("classes")
-        if storage.exists(layout.cycle(k, "metrics.json"))
-        else None
-    )
-    selected = storage.read_parquet(layout.cycle(k, "selected.parquet")).to_pylist()[:count]
-    ids = [row["image_id"] for row in selected]
-    manifest = {row["image_id"]: row for row in read_manifest(layout.pool, ids=ids).to_pylist()}
-    if not classes:
-        return []
-    model_path = layout.cycle(k, "train", "model.pt")
-    spec = model_spec(job, len(classes) + 1)
-    model = scoring.load_model(spec, model_path)
+    picks = [p for p in view["picks"] if "boxes" in p][:count]
+    manifest = read_manifest(layout.pool, ids=[p["id"] for p in picks], columns=["image_id", "uri"]).to_pylist()
+    uris = {row["image_id"]: row["uri"] for row in manifest}
     pictures = []
-    for row in selected:
-        entry = manifest[row["image_id"]]
-        image = read_image(entry["uri"])
-        (det,) = engine.predict(
-            model, eval_transform(model.image_size)(image)[None], config=job.acquisition.postprocess()
-        )
+    for pick in picks:
+        image = read_image(uris[pick["id"]])
         picture = Image.fromarray(image.permute(1, 2, 0).numpy()).convert("RGB")
         zoom = max(1.0, 480 / max(picture.size))  # small images are enlarged so that the text stays legible
         picture = picture.resize((round(picture.width * zoom), round(picture.height * zoom)), Image.BILINEAR)
         draw = ImageDraw.Draw(picture)
-        sx, sy = entry["width"] * zoom / model.image_size, entry["height"] * zoom / model.image_size
-        for box, label, score, la, le, ca, ce in zip(
-            det.boxes.tolist(),
-            det.labels.tolist(),
-            det.scores.tolist(),
-            det.loc_al.tolist(),
-            det.loc_ep.tolist(),
-            det.cls_al.tolist(),
-            det.cls_ep.tolist(),
-        ):
-            x1, y1, x2, y2 = box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy
+        for x1, y1, x2, y2, label, score, la, le, ca, ce in pick["boxes"]:
+            x1, y1, x2, y2 = x1 * zoom, y1 * zoom, x2 * zoom, y2 * zoom
             draw.rectangle([x1, y1, x2, y2], outline=(255, 255, 0), width=2)
-            name = classes[label - 1]
+            name = view["classes"][label - 1] if label - 1 < len(view["classes"]) else str(label)
             draw.text(
                 (x1 + 2, y1 + 2),
-                f"{name} {score:.2f}\nloc {la:.2f}/{le:.3f}\ncls {ca:.2f}/{ce:.3f}",
+                f"{name} {score:.2f}\nloc {la or 0:.2f}/{le or 0:.3f}\ncls {ca or 0:.2f}/{ce or 0:.3f}",
                 fill=(255, 255, 0),
             )
-        uri = storage.join(layout.report, f"uncertain_{row['rank']:02d}.png")
+        uri = storage.join(layout.report, f"uncertain_{pick['rank']:02d}.png")
         buffer = io.BytesIO()
         picture.save(buffer, format="PNG")
         storage.write_bytes(uri, buffer.getvalue())
-        pictures.append((uri, f"{row['image_id']} (score {row['score']:.2f}, {len(det.scores)} detections)"))
+        score = f"{pick['score']:.2f}" if pick["score"] is not None else "none: random fill"
+        pictures.append((uri, f"{pick['id']} (score {score}, {pick['detections']} detections)"))
     return pictures
 
 
@@ -205,30 +173,74 @@ def pool_duplicates(run: str, *, cycle: int | None = None, max_distance: float =
     return {"cycle": cycle, "images": table.num_rows, "max_distance": max_distance, "groups": listed}
 
 
+def _write_page(layout: RunLayout, status: dict, summary: str, curve: bytes | None, views: list[dict]) -> str:
+    """``report/report.html`` (see :mod:`almdn_ray.report_html`)."""
+    import base64
+
+    from almdn_ray.acquisition import TERMS
+    from almdn_ray.report_html import render_page
+
+    table = []
+    for c in status["cycles"]:
+        if c.get("map_voc07") is None:
+            continue
+        table.append(
+            {
+                "cycle": c["cycle"],
+                "labeled": c.get("labeled"),
+                "map_voc07": c["map_voc07"],
+                "map_area": c["map_area"],
+                "coco_ap": c.get("coco_ap"),
+                "selected": c.get("selected"),
+                "unscored": c.get("unscored_picks"),
+                "dropped_duplicates": c.get("dropped_duplicates"),
+                "selected_classes": c.get("selected_classes"),
+                "unreadable": " / ".join(str(c["unreadable"].get(key, "–")) for key in ("train", "test", "pool")),
+            }
+        )
+    data = {
+        "run_id": status["run_id"],
+        "summary": summary,
+        "curve": "data:image/png;base64," + base64.b64encode(curve).decode("ascii") if curve else None,
+        "terms": list(TERMS),
+        "table": table,
+        "selections": views,
+    }
+    page = storage.join(layout.report, "report.html")
+    storage.write_bytes(page, render_page(data).encode("utf-8"))
+    return page
+
+
 def write_report(run: str, *, pictures: int = 6) -> dict[str, str]:
-    """Write ``report/curve.png`` and ``report/report.md`` (and pictures of the most uncertain images)."""
+    """Write ``report/curve.png``, ``report/report.md`` (with pictures of the most uncertain images of the latest
+    selection) and ``report/report.html`` (every selection's picks, sortable and filterable)."""
+    from almdn_ray.report_html import selection_views
+
     layout = RunLayout(run)
     status = run_status(run)
     rows = [c for c in status["cycles"] if c.get("map_voc07") is not None]
-    lines = [
-        f"# almdn-ray report — run {status['run_id']}",
-        "",
-        f"Status: **{status['status']}** (cycle {status['cycle']}, next stage {status['stage']}); "
+    where = (
+        f" (cycle {status['cycle']}, next stage {status['stage']}); "
         f"pool: {status['pool'] if status['pool'] is not None else '?'} images"
         + "".join(f"; {a['rows']} added before cycle {a['cycle']}" for a in status["pool_additions"])
-        + ".",
-        "",
-    ]
+        + "."
+    )
+    summary = f"Status: {status['status']}{where}"
+    lines = [f"# almdn-ray report — run {status['run_id']}", "", f"Status: **{status['status']}**{where}", ""]
+    views = selection_views(run)
     curve = None
     if not rows:
         lines.append("No cycle has been evaluated yet.")
         markdown = storage.join(layout.report, "report.md")
         storage.write_bytes(markdown, ("\n".join(lines) + "\n").encode())
-        return {"curve": None, "markdown": markdown}
+        return {"curve": None, "markdown": markdown, "html": _write_page(layout, status, summary, None, views)}
     curve = storage.join(layout.report, "curve.png")
-    storage.write_bytes(curve, _curve(rows))
+    curve_bytes = _curve(rows)
+    storage.write_bytes(curve, curve_bytes)
     lines += [
         "![mAP against labelled images](curve.png)",
+        "",
+        "Every selection's picks with their boxes and terms, sortable and filterable: [report.html](report.html).",
         "",
         "| cycle | labelled images | VOC07 mAP | area mAP | COCO AP | selected (of them unscored: random fill) "
         "| unreadable images (train / test / pool) |",
@@ -265,7 +277,7 @@ def write_report(run: str, *, pictures: int = 6) -> dict[str, str]:
             counts = " | ".join(str(c["selected_classes"].get(name, 0)) for name in names)
             lines.append(f"| {c['cycle']} | {counts} | {c['dropped_duplicates']} |")
     try:
-        drawn = _uncertain_pictures(run, layout, pictures)
+        drawn = _uncertain_pictures(layout, views[-1], pictures) if views else []
     except Exception as error:  # pictures are a courtesy: a report without them is still a report
         logger.warning("could not draw the most uncertain images: %s", error)
         drawn = []
@@ -280,4 +292,4 @@ def write_report(run: str, *, pictures: int = 6) -> dict[str, str]:
         lines += [f"![{caption}]({uri.rsplit('/', 1)[-1]})  \n{caption}" for uri, caption in drawn]
     markdown = storage.join(layout.report, "report.md")
     storage.write_bytes(markdown, ("\n".join(lines) + "\n").encode())
-    return {"curve": curve, "markdown": markdown}
+    return {"curve": curve, "markdown": markdown, "html": _write_page(layout, status, summary, curve_bytes, views)}

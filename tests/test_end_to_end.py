@@ -298,6 +298,10 @@ def test_a_tiny_run_with_its_storage_in_s3(tiny_run):
     report = runner.invoke(app, ["report", run])
     assert report.exit_code == 0, report.output
     assert storage.exists(f"{run}/report/curve.png") and storage.exists(f"{run}/report/report.md")
+    assert f"page: {run}/report/report.html" in report.output  # the page, on S3 beside report.md
+    page = storage.read_bytes(f"{run}/report/report.html").decode()
+    picked = storage.read_parquet(layout.cycle(0, "selected.parquet")).column("image_id").to_pylist()
+    assert all(f'"id":"{image_id}"' in page for image_id in picked) and "data:image/jpeg;base64," in page
 
 
 def test_submit_logs_and_stop_with_token_authentication(demo, tmp_path):

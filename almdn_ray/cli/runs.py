@@ -70,7 +70,7 @@ def run(
             log_file.close()
     if state.status == "finished":
         paths = write_report(job.storage.uri)
-        typer.echo(f"finished: report at {paths['markdown']}")
+        typer.echo(f"finished: report at {paths['markdown']} (page: {paths['html']})")
     elif state.status == "awaiting_labels":
         typer.echo(f"waiting for labels: almdn-ray labels export {job.storage.uri}")
 
@@ -141,7 +141,8 @@ def status(
 
 @app.command()
 def report(run_uri: str = typer.Argument(..., help="The run's storage URI."), endpoint: str = ENDPOINT) -> None:
-    """Write report/curve.png and report/report.md (per-cycle table, most uncertain images)."""
+    """Write report/curve.png, report/report.md (per-cycle table, most uncertain images) and report/report.html
+    (every selection's picks with their boxes and terms, sortable and filterable; opens from disk)."""
     from almdn_ray.report import write_report
 
     use_endpoint(endpoint)
@@ -152,4 +153,5 @@ def report(run_uri: str = typer.Argument(..., help="The run's storage URI."), en
     typer.echo(
         f"report: {paths['markdown']}"
         + (f"\ncurve: {paths['curve']}" if paths["curve"] else " (no cycle evaluated yet)")
+        + f"\npage: {paths['html']}"
     )
