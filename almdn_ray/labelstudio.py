@@ -46,6 +46,7 @@ __all__ = [
 TOKEN_ENV = "LABEL_STUDIO_API_KEY"
 IMAGE_STORAGE_TITLE = "almdn-ray images"
 SHOWN = 10  # task ids named in one message
+PAGE = 500  # tasks per request when listing a project
 
 
 class LabelStudioError(RuntimeError):
@@ -142,13 +143,12 @@ def _image_urls(records, image_root: str | None, url_prefix: str | None) -> tupl
     """``image_id -> name`` for :func:`labelstudio_tasks`, and the local folder Label Studio must serve (None for
     object storage or a ``url_prefix``). Local names are relative to ``image_root`` (the server's
     ``LOCAL_FILES_DOCUMENT_ROOT``) and URL-quoted."""
-    if url_prefix is not None or all("://" in r.uri or storage.is_remote(r.uri) for r in records):
-        return export_names(records, image_root), None
-    local = [r for r in records if "://" not in r.uri and not storage.is_remote(r.uri)]
-    paths = {r.image_id: os.path.abspath(r.uri) for r in local}
+    names = export_names(records, image_root)  # object storage: the URI is the URL
+    paths = {r.image_id: os.path.abspath(r.uri) for r in records if "://" not in r.uri and not storage.is_remote(r.uri)}
+    if url_prefix is not None or not paths:
+        return names, None
     folder = os.path.commonpath([os.path.dirname(p) for p in paths.values()])
     root = os.path.abspath(image_root) if image_root else folder
-    names = {}
     for image_id, path in paths.items():
         relative = os.path.relpath(path, root)
         if relative.startswith(".."):
@@ -196,7 +196,7 @@ def _serve(client, url: str, token: str, project_id: int, folder: str) -> None:
 def _pushed_tasks(client, url: str, token: str, project_id: int, mark: Mapping[str, object]) -> dict[str, int]:
     """``image_id -> task id`` of the project's tasks whose data carries ``mark`` (this run, this set)."""
     with _answers(url, token, "list the project's tasks"):
-        tasks = list(client.tasks.list(project=project_id, fields="task_only"))
+        tasks = list(client.tasks.list(project=project_id, fields="task_only", page_size=PAGE))
     return {
         str(t.data["almdn_image_id"]): t.id
         for t in tasks
@@ -338,7 +338,7 @@ def pull_labels(run: str, pool, *, token: str, url: str | None = None) -> PullRe
     project_id, title = record["project"]["id"], record["project"]["title"]
     client = _client(url, token)
     with _answers(url, token, f"list the tasks of project {title!r} (#{project_id})"):
-        tasks = {t.id: t for t in client.tasks.list(project=project_id, fields="all")}
+        tasks = {t.id: t for t in client.tasks.list(project=project_id, fields="all", page_size=PAGE)}
     source = f"Label Studio {url} project {title!r} (#{project_id})"
     gone = [t for t in record["tasks"] if t["task"] not in tasks]
     if gone:

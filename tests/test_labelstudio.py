@@ -222,7 +222,7 @@ def test_a_bad_token_is_refused_without_showing_it_and_the_url_is_kept_without_c
     job = job_file(tmp_path / "job.yaml", demo, run)
     invoke("run", str(job))  # waits for the initial set
     monkeypatch.setenv("LABEL_STUDIO_API_KEY", "not-the-token-4242")
-    out = invoke("labels", "push", str(run), "--labelstudio", labelstudio.url, "--project", "p", code=1)
+    out = invoke("labels", "push", str(run), "--labelstudio", labelstudio.url, "--project", "digits", code=1)
     assert "refused to identify the token's user: HTTP 401" in out and "not-the-token-4242" not in out
     monkeypatch.delenv("LABEL_STUDIO_API_KEY")
     assert "no Label Studio token: set LABEL_STUDIO_API_KEY or give --token-file" in invoke(
