@@ -121,7 +121,13 @@ def _answers(url: str, token: str, doing: str) -> Iterator[None]:
 
 
 def _client(url: str, token: str):
-    from label_studio_sdk import LabelStudio
+    try:
+        from label_studio_sdk import LabelStudio
+    except ImportError as error:
+        raise LabelStudioError(
+            "labels push/pull talk to Label Studio through its own client, which is not installed: "
+            "pip install 'almdn-ray[labelstudio]'"
+        ) from error
 
     client = LabelStudio(base_url=url, api_key=token, timeout=120)
     with _answers(url, token, "identify the token's user"):
