@@ -72,7 +72,10 @@ def run(
         paths = write_report(job.storage.uri)
         typer.echo(f"finished: report at {paths['markdown']} (page: {paths['html']})")
     elif state.status == "awaiting_labels":
-        typer.echo(f"waiting for labels: almdn-ray labels export {job.storage.uri}")
+        typer.echo(
+            f"waiting for labels: almdn-ray labels export {job.storage.uri} (a file for your tool), or "
+            f"almdn-ray labels push {job.storage.uri} --labelstudio URL --project NAME (Label Studio's API)"
+        )
 
 
 @app.command()
