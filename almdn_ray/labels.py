@@ -29,7 +29,7 @@ from almdn_ray.data.labelfiles import (
     name_candidates,
     read_label_file,
 )
-from almdn_ray.data.records import DataProblems, ImageRecord, Prediction, normalise_name
+from almdn_ray.data.records import DataProblems, ImageRecord, Prediction, normalise_name, shortened
 from almdn_ray.layout import RunLayout, labeled_ids
 from almdn_ray.state import load_state
 
@@ -421,7 +421,7 @@ def import_label_file(run: str, labels: LabelFile, pool) -> ImportSummary:
         imported[image_id], source_of[image_id] = boxes, image.where
     missing = [i for i in selected if i not in imported]
     if missing:
-        problems.error(f"{path}: {len(missing)} selected image(s) are missing from the file: {missing[:10]}")
+        problems.error(f"{path}: {len(missing)} selected image(s) are missing from the file: {shortened(missing, 10)}")
     if problems.errors:
         shown = "\n  ".join(problems.errors[:30])
         more = f"\n  … and {len(problems.errors) - 30} more" if len(problems.errors) > 30 else ""

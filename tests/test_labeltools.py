@@ -287,7 +287,7 @@ def test_every_bad_box_category_and_image_is_named_and_nothing_is_written(select
         "image 3 ('nowhere.png') matches no selected image",
         "image 4 ('other.png') matches no selected image",
         "image 5 ('b.png') has almdn_image_id 'd', which was not selected in this cycle",
-        "2 selected image(s) are missing from the file: ['a', 'b']",
+        "2 selected image(s) are missing from the file: a, b",
     ):
         assert expected in message, expected
     assert not storage.exists(RunLayout(run).cycle(0, "labels.json"))
