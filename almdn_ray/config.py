@@ -30,8 +30,26 @@ class SpecError(ValueError):
 class StorageSpec:
     uri: str = "runs/quickstart"  # local path, file:// or s3://bucket/prefix
     endpoint: str | None = None  # S3-compatible endpoint (MinIO, Ceph); default: AWS_ENDPOINT_URL
+    # S3 requests that fail transiently (503 SlowDown, resets, timeouts) are retried with backoff, by pyarrow and
+    # boto3 alike, in the driver and in every Ray worker. null: AWS_MAX_ATTEMPTS, else 10 attempts in all.
+    max_attempts: int | None = None
+    connect_timeout_s: float | None = None  # null: 10 s
+    read_timeout_s: float | None = None  # seconds without an answer byte before the attempt counts failed; null: 60
+
+    # Keys that tune how storage is reached, not what the run computes: a resume may change them.
+    RETUNABLE: typing.ClassVar[tuple[str, ...]] = ("max_attempts", "connect_timeout_s", "read_timeout_s")
+
+    def settings(self) -> dict:
+        """The keyword arguments of :func:`almdn_ray.storage.configure` for this storage."""
+        return {"endpoint": self.endpoint, **{key: getattr(self, key) for key in self.RETUNABLE}}
 
     def __post_init__(self):
+        if self.max_attempts is not None and self.max_attempts < 1:
+            raise ValueError(f"storage.max_attempts must be at least 1 (1: no retry), got {self.max_attempts}")
+        for key in ("connect_timeout_s", "read_timeout_s"):
+            value = getattr(self, key)
+            if value is not None and not value > 0:
+                raise ValueError(f"storage.{key} must be a positive number of seconds, got {value}")
         if not self.uri.strip():
             raise ValueError("storage.uri is empty: give the run's folder (a path, file:// or s3://bucket/prefix)")
         if "://" in self.uri and not self.uri.startswith(("s3://", "file://")):

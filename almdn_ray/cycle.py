@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import yaml
 
 from almdn_ray import acquisition, reduce, storage
-from almdn_ray.config import JobSpec, SpecError, diff_specs, spec_from_dict, spec_to_dict
+from almdn_ray.config import JobSpec, SpecError, StorageSpec, diff_specs, spec_from_dict, spec_to_dict
 from almdn_ray.data.manifest import read_manifest, read_marker, write_manifest_table
 from almdn_ray.data.pool import Pool, load_pool
 from almdn_ray.data.records import Dataset, ImageRecord
@@ -73,7 +73,7 @@ class Driver:
         progress: Callable[[str], None] | None = None,
         accept_changed_labels: bool = False,
     ):
-        storage.configure(endpoint=job.storage.endpoint)  # every read and write of this process
+        storage.configure(**job.storage.settings())  # every read and write of this process
         self.job = job
         self.functions = functions
         self.layout = RunLayout(job.storage.uri)
@@ -146,6 +146,8 @@ class Driver:
             started = spec_from_dict(yaml.safe_load(storage.read_bytes(self.layout.job)), self.layout.job)
             # read back through the spec: a key a later version added counts as its default, not as a change
             changed = diff_specs(spec_to_dict(started), current)
+            # how storage is reached (retries, timeouts) may change: raising max_attempts is how a throttled run resumes
+            changed = [c for c in changed if c.removeprefix("storage.") not in StorageSpec.RETUNABLE]
             target = started.acquisition.class_target
             corrected = [c for c in changed if c.split(".")[:2] == ["acquisition", "class_target"]]
             if corrected and self._unknown_classes(target):

@@ -202,6 +202,12 @@ class Lease:
                     return
                 try:
                     if not storage.replace_if(self.uri, self._record(self.token, self.owner), self._version):
+                        current = self._read()
+                        if current and (current[0].get("owner"), current[0].get("token")) == (self.owner, self.token):
+                            # still ours: an earlier renewal landed though it failed here (its answers were lost
+                            # on every attempt), so the version we held is stale; renew from the one stored
+                            self._version = current[1]
+                            continue
                         self._lost = True
                         logger.error("lease %s was taken over: this driver stops before its next commit", self.uri)
                         return

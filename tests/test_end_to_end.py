@@ -304,6 +304,63 @@ def test_a_tiny_run_with_its_storage_in_s3(tiny_run):
     assert all(f'"id":"{image_id}"' in page for image_id in picked) and "data:image/jpeg;base64," in page
 
 
+def test_a_run_over_s3_failing_10_percent_of_requests_ends_equal_to_the_run_without_faults(
+    ray_session, s3_endpoint, demo, tiny_run, tmp_path
+):
+    """``tiny_run``'s job again, its storage behind a proxy that fails 10 % of requests (503 SlowDown, resets before
+    and after S3 applied them): the driver, the Ray Train workers, the Ray Data tasks and the EVAL tasks all reach
+    S3 through it. Cycle 1's model is ``tiny_run``'s, put in place before the start, so that its TRAIN is skipped
+    as a resumed run skips it (a second Ray Train run costs ~25 s here; cycle 0 proves TRAIN under faults)."""
+    import boto3
+
+    from almdn_ray.config import load_spec
+    from almdn_ray.cycle import Driver
+    from almdn_ray.distributed.stages import ray_stage_functions
+    from almdn_ray.reduce import read_scores
+    from tests.faulty_s3 import FaultyS3
+
+    bucket = f"test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    layout, expected = RunLayout(f"s3://{bucket}/runs/faulty"), RunLayout(tiny_run)
+    model_1 = storage.read_bytes(expected.cycle(1, "train", "model.pt"))
+    storage.write_bytes(layout.cycle(1, "train", "model.pt"), model_1)
+    saved = storage.settings()
+    with FaultyS3(s3_endpoint, failure_share=0.1, seed=24) as proxy:
+        try:
+            spec = load_spec(write_job(tmp_path / "job.yaml", demo, layout.run, endpoint=proxy.endpoint))
+            assert Driver(spec, ray_stage_functions()).run().status == "finished"
+        finally:
+            storage.configure(**saved)  # the tests after this one read moto directly
+    assert all(proxy.faults[kind] > 0 for kind in ("slowdown", "reset_before", "reset_after")), proxy.faults
+    assert sum(proxy.faults.values()) >= 0.05 * sum(proxy.requests.values()), (proxy.faults, proxy.requests)
+    writes = [target for method, target in proxy.seen if method in ("PUT", "POST")]
+    assert any("/cycle-000/checkpoint_" in t for t in writes)  # Ray Train's workers went through the faults
+    assert any("/cycles/000/scores/" in t for t in writes)  # and Ray Data's writers
+    assert any(m == "GET" and "/cycles/000/unlabeled/" in t for m, t in proxy.seen)  # and its readers
+
+    history = [(h["cycle"], h["stage"]) for h in load_state(layout.run).history]
+    assert history == [(h["cycle"], h["stage"]) for h in load_state(expected.run).history]
+    assert len(history) == len(set(history)) == 7  # no stage done twice
+    for k in range(2):
+        assert labeled_ids(layout, k) == labeled_ids(expected, k)
+        got, want = (storage.read_json(run.cycle(k, "metrics.json")) for run in (layout, expected))
+        assert {key: got[key] for key in want if not key.startswith("eval_")} == {
+            key: value for key, value in want.items() if not key.startswith("eval_")
+        }
+    assert storage.read_bytes(layout.cycle(0, "train", "model.pt")) == storage.read_bytes(
+        expected.cycle(0, "train", "model.pt")
+    )
+    scores, reference = (
+        read_scores(run.cycle(0, "scores")).sort_by("image_id").drop_columns(["seconds", "worker"])  # timing
+        for run in (layout, expected)
+    )
+    assert scores.num_rows == len(set(scores.column("image_id").to_pylist())) == 30  # every unlabelled image once
+    assert scores.equals(reference)
+    assert storage.read_parquet(layout.cycle(0, "selected.parquet")).equals(
+        storage.read_parquet(expected.cycle(0, "selected.parquet"))
+    )
+
+
 def test_submit_logs_and_stop_with_token_authentication(demo, tmp_path):
     token = "almdn-test-token-0123456789abcdef"
     head, info = start_head(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)

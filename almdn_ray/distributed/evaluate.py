@@ -23,7 +23,7 @@ __all__ = ["evaluate_remote"]
 def _evaluate(
     weights_uri: str, dataset: Dataset, spec: ModelSpec, *, batch_size: int, threads: int, loaders: int, **options
 ) -> dict:
-    storage.configure(endpoint=options["endpoint"])
+    storage.configure(**options["storage_settings"])
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = scoring.load_model(spec, weights_uri, device)
@@ -73,6 +73,6 @@ def evaluate_remote(
             threads=threads,
             loaders=max(0, threads - 1) if use_gpu else 0,
             mixed_precision=mixed_precision,
-            endpoint=endpoint or storage.configured_endpoint(),
+            storage_settings=storage.settings(endpoint),
         )
     )

@@ -27,9 +27,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["PoolScorer", "decode_batch", "score_pool"]
 
 
-def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, endpoint: str | None) -> dict[str, np.ndarray]:
+def decode_batch(batch: dict[str, np.ndarray], *, image_size: int, storage_settings: dict) -> dict[str, np.ndarray]:
     """A Ray Data CPU task: the batch's images read, decoded and resized (``image`` uint8 ``[B, 3, S, S]``)."""
-    storage.configure(endpoint=endpoint)
+    storage.configure(**storage_settings)
     images, errors = scoring.decode_images(batch["uri"], image_size)
     return {"image_id": batch["image_id"], "image": images, "decode_error": np.asarray(errors, dtype=object)}
 
@@ -46,10 +46,10 @@ class PoolScorer:
         member_uris: list[str] = (),
         mc_passes: int = 0,
         mixed_precision: bool = True,
-        endpoint: str | None = None,
+        storage_settings: dict | None = None,
         embedding_dims: int = 0,
     ):
-        storage.configure(endpoint=endpoint)
+        storage.configure(**(storage_settings or {"endpoint": None}))
         torch.set_num_threads(threads)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = scoring.load_model(ModelSpec(**spec), weights_uri, device)
@@ -112,7 +112,7 @@ def score_pool(
     Returns:
         ``out_uri``. Read it with :func:`almdn_ray.scoring.read_scores`.
     """
-    endpoint = endpoint or storage.configured_endpoint()
+    settings = storage.settings(endpoint)  # the workers reach storage, and retry, as this process does
     split_decode = use_gpu if split_decode is None else split_decode
     batch_size = batch_size or (256 if use_gpu else 16)
     in_fs, in_path = storage.resolve(manifest_uri, endpoint=endpoint)
@@ -130,7 +130,7 @@ def score_pool(
     if split_decode:
         dataset = dataset.map_batches(
             decode_batch,
-            fn_kwargs={"image_size": spec.input_size, "endpoint": endpoint},
+            fn_kwargs={"image_size": spec.input_size, "storage_settings": settings},
             batch_size=max(1, batch_size // 4) if use_gpu else batch_size,
             batch_format="numpy",
             num_cpus=1,
@@ -148,7 +148,7 @@ def score_pool(
             "member_uris": list(member_uris),
             "mc_passes": mc_passes,
             "mixed_precision": mixed_precision,
-            "endpoint": endpoint,
+            "storage_settings": settings,
             "embedding_dims": embedding_dims,
         },
         batch_size=batch_size,

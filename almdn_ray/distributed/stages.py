@@ -57,9 +57,10 @@ def connect(job: JobSpec) -> None:
 
     Nothing is put in a runtime environment: Ray stores it with the job, where anyone holding the cluster's
     token can read it. A local Ray's workers inherit this process's environment; a cluster's workers use the
-    cluster's own (its secret, instance profile or environment). The S3 endpoint travels with each stage.
+    cluster's own (its secret, instance profile or environment). The S3 endpoint and retry settings travel with
+    each stage.
     """
-    storage.configure(endpoint=job.storage.endpoint)
+    storage.configure(**job.storage.settings())
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")

@@ -76,7 +76,7 @@ class RayTrainContext:
 
 def _worker(config: dict) -> None:
     logging.basicConfig(level=logging.INFO)
-    storage.configure(endpoint=config["endpoint"])
+    storage.configure(**config["storage_settings"])
     torch.set_num_threads(config["threads"])
     spec, recipe = ModelSpec(**config["spec"]), TrainRecipe(**config["recipe"])
     size = spec.input_size
@@ -149,8 +149,7 @@ def train_distributed(
         cpus_per_worker: CPUs per worker (default: the most that places every worker).
         mixed_precision: bf16 autocast on CUDA.
     """
-    endpoint = endpoint or storage.configured_endpoint()
-    fs, path = storage.resolve(storage_uri, endpoint=endpoint)
+    fs, path = storage.resolve(storage_uri, endpoint=endpoint)  # pickled to the workers with its retry settings
     request = placement.wait_for_fit(
         lambda nodes: placement.plan_workers(
             nodes, what="training workers", count=num_workers, use_gpu=use_gpu, cpus_per_worker=cpus_per_worker
@@ -166,7 +165,7 @@ def train_distributed(
             "init_weights": init_weights_uri,
             "backbone": _backbone_ref(spec, storage_uri, run_name, init_weights_uri),
             "threads": placement.torch_threads(request.cpus),
-            "endpoint": endpoint,
+            "storage_settings": storage.settings(endpoint),
             "mixed_precision": mixed_precision,
         },
         torch_config=ray.train.torch.TorchConfig(backend="nccl" if use_gpu else "gloo"),
