@@ -122,8 +122,8 @@ def job_of(run_uri: str):
     if not storage.exists(layout.job):
         raise FileNotFoundError(f"{run_uri}: no run here (no job.yaml); check the storage URI")
     job = spec_from_dict(yaml.safe_load(storage.read_bytes(layout.job)), layout.job)
-    if job.storage.endpoint and not storage.configured_endpoint():
-        storage.configure(endpoint=job.storage.endpoint)
+    # The job's storage settings (retries, timeouts, endpoint); an --endpoint given to the command wins.
+    storage.configure(**{**job.storage.settings(), "endpoint": storage.configured_endpoint() or job.storage.endpoint})
     return job
 
 

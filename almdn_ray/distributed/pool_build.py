@@ -21,12 +21,23 @@ def ray_map_chunks(function: Callable, args: Sequence[tuple], *, max_in_flight: 
     """
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", logging_level="WARNING", log_to_driver=False)
-    remote = ray.remote(num_cpus=1, max_retries=3)(function)
+    from almdn_ray import storage
+
+    remote = ray.remote(num_cpus=1, max_retries=3)(_configured)
+    settings = storage.settings()  # the workers reach storage as this process does: endpoint, retries, timeouts
     limit = max_in_flight or max(4, 4 * int(ray.cluster_resources().get("CPU", 1)))
     pending: list = []
     position = 0
     while position < len(args) or pending:
         while position < len(args) and len(pending) < limit:
-            pending.append(remote.remote(*args[position]))
+            pending.append(remote.remote(settings, function, *args[position]))
             position += 1
         yield ray.get(pending.pop(0))
+
+
+def _configured(settings: dict, function: Callable, *args):
+    """``function(*args)`` in a Ray worker, its storage configured as the driver's."""
+    from almdn_ray import storage
+
+    storage.configure(**settings)
+    return function(*args)
