@@ -150,11 +150,17 @@ def _image_urls(records, image_root: str | None, url_prefix: str | None) -> tupl
     object storage or a ``url_prefix``). Local names are relative to ``image_root`` (the server's
     ``LOCAL_FILES_DOCUMENT_ROOT``) and URL-quoted."""
     names = export_names(records, image_root)  # object storage: the URI is the URL
-    paths = {r.image_id: os.path.abspath(r.uri) for r in records if "://" not in r.uri and not storage.is_remote(r.uri)}
+    local = {r.image_id: r.uri.removeprefix("file://") for r in records}
+    paths = {i: os.path.abspath(u) for i, u in local.items() if "://" not in u and not storage.is_remote(u)}
     if url_prefix is not None or not paths:
         return names, None
     folder = os.path.commonpath([os.path.dirname(p) for p in paths.values()])
-    root = os.path.abspath(image_root) if image_root else folder
+    if not image_root:  # a guess would make tasks whose images the server cannot find, and report success
+        raise LabelStudioError(
+            f"the pool's images are local files (under {folder}) and no folder is known that Label Studio serves "
+            "them from: give --document-root, the server's LOCAL_FILES_DOCUMENT_ROOT (a parent of the images)"
+        )
+    root = os.path.abspath(image_root)
     for image_id, path in paths.items():
         relative = os.path.relpath(path, root)
         if relative.startswith(".."):

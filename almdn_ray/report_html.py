@@ -121,6 +121,8 @@ def _boxes(det, scale_x: float, scale_y: float) -> dict:
     boxes = []
     for i in sorted(keep):
         x1, y1, x2, y2 = det.boxes[i].tolist()
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2, float(det.scores[i]))):
+            continue  # a diverged model's box: nothing to draw (and JSON has no NaN)
         boxes.append(
             [round(x1 * scale_x, 1), round(y1 * scale_y, 1), round(x2 * scale_x, 1), round(y2 * scale_y, 1)]
             + [int(det.labels[i]), round(float(det.scores[i]), 3)]

@@ -124,7 +124,12 @@ def _rebuild_s3(max_attempts: int, options: dict) -> RetryingS3FileSystem:
 
 @lru_cache(maxsize=16)
 def _s3(
-    endpoint: str | None, access_key: str | None, secret_key: str | None, region: str, retries: tuple[int, float, float]
+    endpoint: str | None,
+    access_key: str | None,
+    secret_key: str | None,
+    region: str,
+    retries: tuple[int, float, float],
+    session_token: str | None = None,
 ) -> RetryingS3FileSystem:
     max_attempts, connect_timeout_s, read_timeout_s = retries
     kwargs: dict = {"region": region, "connect_timeout": connect_timeout_s, "request_timeout": read_timeout_s}
@@ -134,6 +139,8 @@ def _s3(
         kwargs["scheme"] = "http" if endpoint.startswith("http://") else "https"
     if access_key and secret_key:
         kwargs.update(access_key=access_key, secret_key=secret_key)
+        if session_token:  # temporary credentials (assume-role, SSO): the key alone is refused
+            kwargs["session_token"] = session_token
     return RetryingS3FileSystem(max_attempts=max_attempts, **kwargs)
 
 
@@ -157,7 +164,8 @@ def resolve(uri: str, *, endpoint: str | None = None) -> tuple[pafs.FileSystem, 
     if is_remote(uri):
         endpoint, region = _endpoint_and_region(endpoint)
         env = os.environ
-        fs = _s3(endpoint, env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY"), region, _retries())
+        keys = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+        fs = _s3(endpoint, *keys, region, _retries(), env.get("AWS_SESSION_TOKEN"))
         return fs, uri.removeprefix("s3://").rstrip("/")
     if uri.startswith("file://"):
         uri = uri.removeprefix("file://")

@@ -238,3 +238,18 @@ def test_a_bad_token_is_refused_without_showing_it_and_the_url_is_kept_without_c
     with pytest.raises(LabelStudioError, match="not a Label Studio URL"):
         public_url("ls.example.com")
     assert list(run.glob("cycles/*/*labelstudio*")) == []
+
+
+def test_local_images_without_a_known_document_root_are_refused_not_guessed(tmp_path):
+    from almdn_ray.data.records import ImageRecord
+    from almdn_ray.labelstudio import _image_urls
+
+    empty = (np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, bool))
+    records = [
+        ImageRecord("a", f"file://{tmp_path}/x/a.jpg", 4, 4, *empty),
+        ImageRecord("b", "/data/y/b.jpg", 4, 4, *empty),
+    ]
+    with pytest.raises(LabelStudioError, match="give --document-root, the server's LOCAL_FILES_DOCUMENT_ROOT"):
+        _image_urls(records, None, None)
+    names, folder = _image_urls(records[:1], str(tmp_path), None)
+    assert names == {"a": "x/a.jpg"} and folder == f"{tmp_path}/x"  # a file:// URI is a local path too

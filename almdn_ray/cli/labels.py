@@ -158,7 +158,7 @@ def labels_pull(
         pushed_for(run_uri)  # a run that has taken these labels already says so, naming the tasks
         _, pool = run_of(run_uri)
         pulled = pull_labels(run_uri, pool, token=token, url=labelstudio)
-    except (LabelStudioError, LabelImportError, FileNotFoundError, OSError) as error:
+    except (LabelStudioError, LabelImportError, FileNotFoundError, OSError, ValueError) as error:
         raise fail(str(error)) from error
     if pulled.summary is None:
         skipped = f" ({len(pulled.skipped)} skipped: {pulled.skipped[:10]})" if pulled.skipped else ""

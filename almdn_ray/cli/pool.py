@@ -149,11 +149,11 @@ def pool_add(
         job = job_of(run_uri)
         if is_manifest(source):  # shards without their marker are refused: a partial build, or a team's (say which)
             table = read_manifest(source)
-        elif detect_format(source) == "listing":
+        elif (kind := detect_format(source)) == "listing":
             from almdn_ray.data.listing import ListingColumns, read_listing
 
             table = read_listing(source, ListingColumns(uri_column, uri_prefix, id_column, width_column, height_column))
-        elif detect_format(source) == "images":
+        elif kind == "images":
             table = rows_table(list(rows_from_images(source, pattern=pattern)))
         else:
             table = dataset_table(read_dataset(source, split=split, image_root=image_root))

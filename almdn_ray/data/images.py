@@ -108,15 +108,18 @@ def image_size(uri: str) -> tuple[int, int]:
             whole = len(head) < HEADER_BYTES
     except FileNotFoundError as error:
         raise ImageReadError(f"{uri}: image file is missing") from error
-    try:
-        with Image.open(io.BytesIO(head)) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError) as error:
-        if whole:
-            raise ImageReadError(f"{uri}: not a readable image ({error}); re-export or remove it") from error
-    data = storage.read_bytes(uri)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.size
-    except (UnidentifiedImageError, OSError) as error:
-        raise ImageReadError(f"{uri}: not a readable image ({error}); re-export or remove it") from error
+    except OSError as error:  # access denied, retries spent: the storage's own explanation
+        raise ImageReadError(str(storage._explain(uri, error))) from error
+    for data in (head, None):
+        if data is None:
+            if whole:
+                break
+            data = storage.read_bytes(uri)  # a header beyond 64 KiB: the whole file
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                return image.size
+        except Image.DecompressionBombError as error:
+            raise ImageReadError(f"{uri}: image too large to decode ({error})") from error
+        except (UnidentifiedImageError, OSError) as error:
+            failure = error
+    raise ImageReadError(f"{uri}: not a readable image ({failure}); re-export or remove it") from failure

@@ -79,9 +79,10 @@ def _suffix_kind(name: str) -> str | None:
 
 
 def _ignored(name: str) -> bool:
-    """Files beside a data lake's shards that are not data: ``_SUCCESS``, ``.crc``, our own ``_MANIFEST.json``."""
-    base = posixpath.basename(name)
-    return base.startswith(("_", ".")) or base.endswith(".crc")
+    """Files beside a data lake's shards that are not data: ``_SUCCESS``, ``.crc``, our own ``_MANIFEST.json``,
+    and anything under a ``_`` or ``.`` folder (Spark's ``_temporary/``, ``.spark-staging/``, ``_delta_log/``)."""
+    parts = name.strip("/").split("/")
+    return any(p.startswith(("_", ".")) for p in parts) or parts[-1].endswith(".crc")
 
 
 def listing_files(path: str) -> tuple[str, list[str]] | None:
@@ -90,6 +91,8 @@ def listing_files(path: str) -> tuple[str, list[str]] | None:
     kind = _suffix_kind(str(path))
     if kind is not None:
         return (kind, [str(path)]) if storage.exists(path) else None
+    if _holds_images(path):  # decided from the top level: a folder of ten million images is not listed twice
+        return None
     try:
         files = [f for f in storage.list_files(path) if not _ignored(f[len(str(path).rstrip("/")) :])]
     except (FileNotFoundError, OSError, NotADirectoryError):
@@ -98,6 +101,19 @@ def listing_files(path: str) -> tuple[str, list[str]] | None:
     if len(kinds) == 1 and None not in kinds:
         return kinds.pop(), files
     return None
+
+
+def _holds_images(path: str) -> bool:
+    """Whether a folder has an image file or a file of no listing kind at its top level (one listing request)."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, inner = storage.resolve(path)
+        infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False))
+    except (FileNotFoundError, OSError):
+        return False
+    files = [i.path for i in infos if i.type == pafs.FileType.File]
+    return any(_suffix_kind(f) is None and not _ignored(posixpath.basename(f)) for f in files)
 
 
 def listing_kind(path: str) -> str | None:
@@ -257,6 +273,9 @@ def _manifest_rows(batch: pa.RecordBatch, chosen: ListingColumns, name: str, off
         _add_rows(problems, "rows with an empty URI", name, rows, empty)
     uris = pc.binary_join_element_wise(chosen.uri_prefix, pc.fill_null(raw, ""), "") if chosen.uri_prefix else raw
     uris = pc.fill_null(uris, "")
+    spaced = pc.and_(pc.not_equal(raw, pc.utf8_trim_whitespace(raw)), pc.invert(empty))
+    if pc.any(pc.fill_null(spaced, False)).as_py():
+        _add_rows(problems, "URIs with spaces before or after them (trim them)", name, rows, spaced, raw)
     good = pc.or_(
         pc.match_substring_regex(uris, r"^s3://[^/]+/.+$"),
         pc.match_substring_regex(uris, r"^(file://)?/[^/].*$"),
@@ -348,7 +367,7 @@ def build_listing_manifest(
     for n, start in enumerate(range(0, table.num_rows, rows_per_shard)):
         uri = storage.join(out, _shard_name(n))
         part = table.slice(start, rows_per_shard)
-        if not (storage.exists(uri) and _rows_of(uri) == part.num_rows):
+        if not (storage.exists(uri) and _same_rows(uri, part)):  # a listing changed since: its rows anew
             storage.write_parquet(uri, part)
         shards.append(uri)
     write_marker(out, shards, table.num_rows, listing=settings)
@@ -358,9 +377,10 @@ def build_listing_manifest(
     return shards
 
 
-def _rows_of(uri: str) -> int:
-    import pyarrow.parquet as pq
-
-    fs, path = storage.resolve(uri)
-    with fs.open_input_file(path) as f:
-        return pq.ParquetFile(f).metadata.num_rows
+def _same_rows(uri: str, part: pa.Table) -> bool:
+    """Whether the shard at ``uri`` (an interrupted build's) holds exactly ``part``'s rows."""
+    try:
+        kept = storage.read_parquet(uri)
+    except (OSError, pa.ArrowInvalid):
+        return False
+    return kept.num_rows == part.num_rows and kept.cast(MANIFEST_SCHEMA).equals(part.cast(MANIFEST_SCHEMA))

@@ -260,3 +260,37 @@ def test_data_validate_reads_a_listing_as_pool_build_would(tmp_path):
     bad = write_listing(pa.table({"uri": ["/d/a.jpg", "/d/a.jpg"]}), "jsonl", tmp_path / "bad")
     done = runner.invoke(app, ["data", "validate", str(bad)])
     assert done.exit_code == 1 and "'/d/a' in listing.jsonl row 1, listing.jsonl row 2" in done.output
+
+
+def test_spaces_around_uris_are_refused_and_spark_temporaries_are_not_read(tmp_path):
+    source = write_listing(pa.table({"uri": ["/d/a.jpg", "/d/b.jpg ", "/d/c.jpg"]}), "parquet", tmp_path / "lake")
+    (tmp_path / "lake" / "_temporary" / "0").mkdir(parents=True)  # a failed attempt's leftovers: not data
+    pq.write_table(pa.table({"uri": ["/d/a.jpg"]}), tmp_path / "lake" / "_temporary" / "0" / "part-00000.parquet")
+    with pytest.raises(ListingError) as error:
+        read_listing(str(source))
+    message = str(error.value)
+    assert "1 URIs with spaces before or after them (trim them): part-00000-3f2a.c000.snappy.parquet row 2" in message
+    assert "repeated" not in message  # the _temporary copy of /d/a.jpg was not read
+
+
+def test_a_resumed_build_of_a_listing_that_changed_writes_its_rows_anew(tmp_path):
+    source = write_listing(TEAM, "csv", tmp_path / "in")
+    out = tmp_path / "out"
+    options = ["--uri-column", "object_key", "--uri-prefix", "s3://team-bucket/", "--rows-per-shard", "7"]
+    assert build(source, out, *options).exit_code == 0
+    (out / MARKER).unlink()  # as if stopped before sealing; then the team's job rewrites the listing, same size
+    write_listing(TEAM.take(list(reversed(range(TEAM.num_rows)))), "csv", tmp_path / "in")
+    assert build(source, out, *options).exit_code == 0
+    assert build(source, tmp_path / "fresh", *options).exit_code == 0
+    assert read_manifest(str(out)).equals(read_manifest(str(tmp_path / "fresh")))
+    assert read_manifest(str(out)).column("image_id").to_pylist()[0] == KEYS[-1].removesuffix(".jpg")
+
+
+def test_a_folder_with_images_at_its_top_is_an_image_folder(tmp_path):
+    from almdn_ray.data.validate import detect_format
+
+    (tmp_path / "imgs").mkdir()
+    (tmp_path / "imgs" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "imgs" / "index.csv").write_text("uri\n/d/a.jpg\n")
+    assert detect_format(str(tmp_path / "imgs")) == "images"
+    assert detect_format(str(write_listing(TEAM, "parquet", tmp_path / "lake"))) == "listing"
