@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from almdn_ray import diversity, reduce, storage
+from almdn_ray import acquisition, diversity, reduce, storage
 from almdn_ray.acquisition import TERMS, is_scored
 from almdn_ray.layout import RunLayout, labeled_ids
 
@@ -69,22 +69,21 @@ def _term_values(folder: str, picked: list[str], labelled: list[str]) -> dict[st
     """Each pick's four term maxima z-scored by the pool statistics of the selection (readable, unlabelled
     rows of the score files, as in :func:`reduce.select_from_scores`), file by file."""
     columns = ["image_id", "n_det", "error"] + [f"{t}_{s}" for t in TERMS for s in ("max", "sum", "sumsq")]
-    count, sums, squares = 0, np.zeros(len(TERMS)), np.zeros(len(TERMS))
+    summed = ["n_det"] + [f"{t}_{s}" for t in TERMS for s in ("sum", "sumsq")]
+    totals: dict[str, list[float]] = {name: [] for name in summed}  # per score file: what pool_statistics sums
     maxima: dict[str, list[float]] = {}
     wanted, known = pa.array(picked, pa.string()), pa.array(labelled, pa.string())
     for uri in storage.list_files(folder, pattern="*.parquet"):
         table = storage.read_parquet(uri, columns=columns)
         table = table.filter(pc.and_(pc.is_null(table.column("error")), pc.invert(pc.is_in(table["image_id"], known))))
-        count += pc.sum(table.column("n_det")).as_py() or 0
-        sums += [pc.sum(table.column(f"{t}_sum")).as_py() or 0.0 for t in TERMS]
-        squares += [pc.sum(table.column(f"{t}_sumsq")).as_py() or 0.0 for t in TERMS]
+        for name in summed:
+            totals[name].append(pc.sum(table.column(name)).as_py() or 0)
         for row in table.filter(pc.is_in(table["image_id"], wanted)).to_pylist():
             maxima[row["image_id"]] = [row[f"{t}_max"] for t in TERMS]
-    mean = sums / max(count, 1)
-    std = np.sqrt(np.maximum(squares / max(count, 1) - mean * mean, 0.0))
+    stats = acquisition.pool_statistics({name: np.asarray(v, np.float64) for name, v in totals.items()})
     out = {}
     for image_id, values in maxima.items():
-        z = [(v - m) / s if s > 0 else 0.0 for v, m, s in zip(values, mean, std)]
+        z = acquisition._zscore(np.asarray(values, np.float64), stats.mean, stats.std)
         out[image_id] = {t: _number(v) if math.isfinite(raw) else None for t, v, raw in zip(TERMS, z, values)}
     return out
 

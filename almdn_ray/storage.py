@@ -224,11 +224,14 @@ def _retry_misread_throttling(read: Callable[[], Any]) -> Any:
             time.sleep(random.random() * min(20.0, 2.0 ** (attempt - 1)))
 
 
-def read_bytes(uri: str, *, endpoint: str | None = None) -> bytes:
-    """The whole content of a file."""
+def read_bytes(uri: str, *, endpoint: str | None = None, limit: int | None = None) -> bytes:
+    """The whole content of a file, or its first ``limit`` bytes (one ranged read)."""
     fs, path = resolve(uri, endpoint=endpoint)
 
     def read() -> bytes:
+        if limit is not None:
+            with fs.open_input_file(path) as f:
+                return f.read(limit)
         with fs.open_input_stream(path) as stream:
             return stream.read()
 

@@ -91,35 +91,35 @@ def decode_image_bytes(data: bytes, uri: str) -> torch.Tensor:
 
 def read_image(uri: str) -> torch.Tensor:
     """Read and decode an image (local or ``s3://``) to ``[3, H, W]`` uint8 RGB."""
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError as error:
-        raise ImageReadError(f"{uri}: image file is missing") from error
-    return decode_image_bytes(data, uri)
+    return decode_image_bytes(_read(uri), uri)
 
 
 def image_size(uri: str) -> tuple[int, int]:
     """``(width, height)`` from the image header, without decoding the pixels: the file's first 64 KiB are
     read (every header we know fits, EXIF thumbnails included), the whole file only when they do not do."""
-    fs, path = storage.resolve(uri)
+    head = _read(uri, limit=HEADER_BYTES)
     try:
-        with fs.open_input_file(path) as f:
-            head = f.read(HEADER_BYTES)
-            whole = len(head) < HEADER_BYTES
+        return _header_size(head, uri)
+    except ImageReadError:
+        if len(head) < HEADER_BYTES:  # that was the whole file
+            raise
+    return _header_size(_read(uri), uri)
+
+
+def _header_size(data: bytes, uri: str) -> tuple[int, int]:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Image.DecompressionBombError as error:
+        raise ImageReadError(f"{uri}: image too large to decode ({error})") from error
+    except (UnidentifiedImageError, OSError) as error:
+        raise ImageReadError(f"{uri}: not a readable image ({error}); re-export or remove it") from error
+
+
+def _read(uri: str, limit: int | None = None) -> bytes:
+    """A file's bytes (its first ``limit``); a missing file is an unreadable image, other storage errors are
+    the storage's own (they name the URI and what to check)."""
+    try:
+        return storage.read_bytes(uri, limit=limit)
     except FileNotFoundError as error:
         raise ImageReadError(f"{uri}: image file is missing") from error
-    except OSError as error:  # access denied, retries spent: the storage's own explanation
-        raise ImageReadError(str(storage._explain(uri, error))) from error
-    for data in (head, None):
-        if data is None:
-            if whole:
-                break
-            data = storage.read_bytes(uri)  # a header beyond 64 KiB: the whole file
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
-        except Image.DecompressionBombError as error:
-            raise ImageReadError(f"{uri}: image too large to decode ({error})") from error
-        except (UnidentifiedImageError, OSError) as error:
-            failure = error
-    raise ImageReadError(f"{uri}: not a readable image ({failure}); re-export or remove it") from failure

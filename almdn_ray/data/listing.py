@@ -23,23 +23,14 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from almdn_ray import storage
-from almdn_ray.data.manifest import (
-    MANIFEST_SCHEMA,
-    _shard_name,
-    read_marker,
-    write_marker,
-)
+from almdn_ray.data.manifest import MANIFEST_SCHEMA, PLAN, _shard_name, prefix_ids, read_marker, write_marker
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LISTING_SUFFIXES",
-    "ListingColumns",
-    "ListingError",
-    "listing_kind",
-    "read_listing",
-    "build_listing_manifest",
-]
+    "LISTING_SUFFIXES", "ListingColumns", "ListingError", "suffix_kind", "listing_files", "listing_kind",
+    "read_listing", "build_listing_manifest", "derived_ids",
+]  # fmt: skip
 
 LISTING_SUFFIXES = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv", ".jsonl": "json", ".ndjson": "json"}
 BUILD = "_BUILD.json"  # what a listing build was started with, written first: a resumed build must match it
@@ -71,7 +62,8 @@ class ListingColumns:
     height: str | None = None
 
 
-def _suffix_kind(name: str) -> str | None:
+def suffix_kind(name: str) -> str | None:
+    """The listing kind a file's name says (``.csv.gz`` included), else None."""
     lower = name.lower()
     if lower.endswith((".gz", ".bz2", ".zst")) and lower.rsplit(".", 2)[-2:-1] in (["csv"], ["jsonl"], ["ndjson"]):
         lower = lower.rsplit(".", 1)[0]  # pyarrow reads compressed CSV and JSON lines as they are
@@ -88,16 +80,16 @@ def _ignored(name: str) -> bool:
 def listing_files(path: str) -> tuple[str, list[str]] | None:
     """``(kind, files)`` when ``path`` is a listing: one ``.parquet`` / ``.csv`` / ``.jsonl`` file, or a folder
     whose data files are all of one such kind (Spark's ``_SUCCESS`` and ``.crc`` files aside); else None."""
-    kind = _suffix_kind(str(path))
+    kind = suffix_kind(str(path))
     if kind is not None:
         return (kind, [str(path)]) if storage.exists(path) else None
     if _holds_images(path):  # decided from the top level: a folder of ten million images is not listed twice
         return None
     try:
         files = [f for f in storage.list_files(path) if not _ignored(f[len(str(path).rstrip("/")) :])]
-    except (FileNotFoundError, OSError, NotADirectoryError):
+    except OSError:
         return None
-    kinds = {_suffix_kind(f) for f in files}
+    kinds = {suffix_kind(f) for f in files}
     if len(kinds) == 1 and None not in kinds:
         return kinds.pop(), files
     return None
@@ -113,7 +105,7 @@ def _holds_images(path: str) -> bool:
     except (FileNotFoundError, OSError):
         return False
     files = [i.path for i in infos if i.type == pafs.FileType.File]
-    return any(_suffix_kind(f) is None and not _ignored(posixpath.basename(f)) for f in files)
+    return any(suffix_kind(f) is None and not _ignored(posixpath.basename(f)) for f in files)
 
 
 def listing_kind(path: str) -> str | None:
@@ -213,8 +205,6 @@ def read_listing(
         )
     kind, files = found
     if files != [str(source)] and read_marker(source) is None:
-        from almdn_ray.data.manifest import PLAN
-
         if storage.exists(storage.join(source, PLAN)) or storage.exists(storage.join(source, BUILD)):
             raise ListingError(
                 f"{source} is an `almdn-ray pool build` that did not finish: run the same command again (it resumes)"
@@ -347,8 +337,6 @@ def build_listing_manifest(
     Returns:
         The shard URIs.
     """
-    from almdn_ray.data.manifest import prefix_ids
-
     marker = read_marker(out)
     if marker is not None:
         return [storage.join(out, n) for n in marker["shards"]]

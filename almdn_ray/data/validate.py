@@ -12,6 +12,7 @@ from almdn_ray import storage
 from almdn_ray.data.coco import read_coco
 from almdn_ray.data.images import ImageReadError, read_image
 from almdn_ray.data.labelfiles import name_candidates
+from almdn_ray.data.listing import listing_kind, suffix_kind
 from almdn_ray.data.records import DataProblems, Dataset, DatasetError, normalise_name, shortened
 from almdn_ray.data.voc import read_voc
 
@@ -41,7 +42,7 @@ def detect_format(path: str) -> str:
     lower = str(path).lower()
     if lower.endswith(".json"):
         return "labelstudio" if _starts_with_list(path) else "coco"
-    if lower.endswith((".parquet", ".pq", ".csv", ".jsonl", ".ndjson")):
+    if suffix_kind(lower) is not None:
         if not storage.exists(path):
             raise FileNotFoundError(f"{path} does not exist")
         return "listing"
@@ -53,8 +54,6 @@ def detect_format(path: str) -> str:
         storage.exists(storage.join(path, f"VOC20{y:02d}")) for y in range(5, 13)
     ):
         return "voc"
-    from almdn_ray.data.listing import listing_kind
-
     return "listing" if listing_kind(path) is not None else "images"
 
 
