@@ -72,12 +72,16 @@ class Driver:
         *,
         progress: Callable[[str], None] | None = None,
         accept_changed_labels: bool = False,
+        first_cycle_from: str | None = None,
     ):
         storage.configure(**job.storage.settings())  # every read and write of this process
         self.job = job
         self.functions = functions
         self.layout = RunLayout(job.storage.uri)
         self.progress = progress or (lambda message: None)
+        # Another run of the same job and seed whose first cycle (model and metrics) this run may reuse: the
+        # strategies of an experiment differ only from their first selection on (see _reusable_first_cycle).
+        self.first_cycle_from = first_cycle_from
         self.accept_changed_labels = accept_changed_labels
         self._pool: Pool | None = None
         self._test: Dataset | None = None
@@ -300,9 +304,32 @@ class Driver:
             "next cycles on the new labels (the finished cycles stay as they were)"
         )
 
+    def _reusable_first_cycle(self) -> RunLayout | None:
+        """The run named by ``first_cycle_from`` if its cycle 0 is what this run's would be: the same model and
+        training spec, the same seed, one model per cycle, and the same initial labelled set; else None."""
+        if self.first_cycle_from is None:
+            return None
+        source = RunLayout(self.first_cycle_from)
+        if not storage.exists(source.job) or not storage.exists(source.cycle(0, "train", "model.pt")):
+            return None
+        theirs = spec_from_dict(yaml.safe_load(storage.read_bytes(source.job)), source.job)
+        single = theirs.ensemble_members == 1 and self.job.ensemble_members == 1
+        same = theirs.model == self.job.model and theirs.train == self.job.train and theirs.seed == self.job.seed
+        same = same and theirs.dataset == self.job.dataset and theirs.warm_start == self.job.warm_start
+        if not (single and same and storage.exists(source.cycle(0, "labeled.parquet"))):
+            return None
+        if labeled_ids(source, 0) != labeled_ids(self.layout, 0):
+            return None
+        return source
+
     def _train(self, k: int) -> bool:
         if k == 0 and self.cold_start() and not storage.exists(self.layout.initial_labels):
             return False  # the initial set goes to the labellers first
+        source = self._reusable_first_cycle() if k == 0 else None
+        model = self.layout.cycle(0, "train", "model.pt")
+        if source is not None and not storage.exists(model):
+            storage.write_bytes(model, storage.read_bytes(source.cycle(0, "train", "model.pt")))
+            self.progress(f"cycle 0: model reused from {source.run} (same job, seed and initial labelled set)")
         if not storage.exists(self._fingerprint_uri(k)):
             trained = self.training_records(k)
             storage.write_parquet(
@@ -331,6 +358,9 @@ class Driver:
 
     def _eval(self, k: int) -> bool:
         out = self.layout.cycle(k, "metrics.json")
+        source = self._reusable_first_cycle() if k == 0 else None
+        if source is not None and not storage.exists(out) and storage.exists(source.cycle(0, "metrics.json")):
+            storage.write_json(out, storage.read_json(source.cycle(0, "metrics.json")))
         if not storage.exists(out):
             test = self.test
             readable = self._readable(test.records, self.layout.cycle(k, "test-unreadable.json"))

@@ -22,7 +22,9 @@ from almdn_ray.state import load_state
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PlannedRun", "plan_runs", "run_experiment", "collect", "summarize", "write_experiment_report"]
+__all__ = [
+    "PlannedRun", "plan_runs", "run_experiment", "collect", "summarize", "write_experiment_report", "write_run_reports"
+]  # fmt: skip
 
 DEFAULT_MC_DROPOUT = 0.1
 
@@ -89,11 +91,32 @@ def run_experiment(
     say = progress or (lambda message: None)
     for i, run in enumerate(runs):
         say(f"run {i + 1}/{len(runs)}: {run.strategy}, seed {run.seed} -> {run.job.storage.uri}")
-        state = Driver(run.job, functions, progress=lambda m, r=run: say(f"{r.strategy}/seed-{r.seed}: {m}")).run()
+        # The seed's first run trains cycle 0; the others reuse its model where their driver finds it the same.
+        first = next(r for r in runs if r.seed == run.seed)
+        state = Driver(
+            run.job,
+            functions,
+            progress=lambda m, r=run: say(f"{r.strategy}/seed-{r.seed}: {m}"),
+            first_cycle_from=first.job.storage.uri if first is not run else None,
+        ).run()
         if state.status != "finished":
             raise RuntimeError(
                 f"{run.job.storage.uri} stopped with status {state.status!r}: an experiment needs labels.mode simulate"
             )
+
+
+def write_run_reports(runs: Sequence[PlannedRun]) -> list[str]:
+    """Each finished run's report (``report.md``, ``report.html``), with the other strategies of its seed beside
+    it (same initial labelled set). Returns the markdown URIs."""
+    from almdn_ray.report import write_report
+
+    written = []
+    for run in runs:
+        if (state := load_state(run.job.storage.uri)) is None or state.status != "finished":
+            continue
+        beside = {r.strategy: r.job.storage.uri for r in runs if r.seed == run.seed and r is not run}
+        written.append(write_report(run.job.storage.uri, label=run.strategy, beside=beside)["markdown"])
+    return written
 
 
 def _scoring_seconds(layout: RunLayout, k: int) -> tuple[float, int]:
@@ -170,6 +193,9 @@ def summarize(results: Sequence[dict], cycles: int) -> dict:
         row["auc"] = _mean_std([_area(r["curve"]) for r in mine])
         paired = [_area(r["curve"]) - random_auc[r["seed"]] for r in mine if r["seed"] in random_auc]
         row["paired_auc_vs_random"] = _mean_std(paired) if strategy != "random" else (math.nan, math.nan)
+        # The paired differences' standard error, and on how many seeds the strategy beat random.
+        row["paired_se"] = row["paired_auc_vs_random"][1] / math.sqrt(len(paired)) if len(paired) > 1 else math.nan
+        row["paired_wins"] = [sum(d > 0 for d in paired), len(paired)] if strategy != "random" else None
         for key in ("score_ms_per_image", "train_s_per_cycle", "score_stage_s_per_cycle"):
             row[key] = _mean_std([r.get(key) for r in mine])[0]
         rows.append(row)
@@ -188,20 +214,26 @@ def _markdown(table: dict, command: str | None) -> str:
         "",
         "VOC07 mAP (11-point, IoU 0.5) on the test split: mean ± std over seeds (paired: each seed's strategies "
         "share their initial labelled set). AUC: area under mAP vs labelled images over the labelled range, "
-        "divided by that range (the curve's mean mAP). ΔAUC: per-seed AUC minus random's at the same seed. "
+        "divided by that range (the curve's mean mAP). ΔAUC: per-seed AUC minus random's at the same seed (mean ± "
+        "std; SE: std / √seeds; wins: seeds with ΔAUC > 0). "
         "Scoring: model time per pool image (read, forward passes, uncertainties), from the score files; "
         "train: seconds per cycle (all ensemble members).",
         "",
     ]
     if command:
         lines += ["Command:", "", f"    {command}", ""]
-    header = ["strategy", "seeds"] + [f"mAP @ {s}" for s in sizes] + ["AUC", "ΔAUC vs random", "scoring ms/img"]
+    header = ["strategy", "seeds"] + [f"mAP @ {s}" for s in sizes]
+    header += ["AUC", "ΔAUC vs random", "ΔAUC / SE", "wins", "scoring ms/img"]
     header += ["train s/cycle"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in table["rows"]:
         cells = [row["strategy"], str(len(row["seeds"]))]
         cells += [_fmt(row["map"][s]) for s in sizes]
         cells += [_fmt(row["auc"]), _fmt(row["paired_auc_vs_random"])]
+        se, mean = row.get("paired_se", math.nan), row["paired_auc_vs_random"][0]
+        cells.append("-" if math.isnan(se) or se == 0 else f"{mean / se:+.1f}")
+        wins = row.get("paired_wins")
+        cells.append(f"{wins[0]}/{wins[1]}" if wins and wins[1] else "-")
         cells += [
             "-" if math.isnan(row["score_ms_per_image"]) else f"{row['score_ms_per_image']:.1f}",
             "-" if math.isnan(row["train_s_per_cycle"]) else f"{row['train_s_per_cycle']:.0f}",

@@ -90,12 +90,53 @@ def curve_png(draw, *, ylabel: str, size: tuple[float, float] = (6, 4)) -> bytes
     return buffer.getvalue()
 
 
-def _curve(rows: list[dict]) -> bytes:
+def _curve(rows: list[dict], label: str | None = None, beside: dict[str, list[dict]] | None = None) -> bytes:
     def draw(axis):
-        axis.plot([r["labeled"] for r in rows], [r["map_voc07"] for r in rows], marker="o", label="VOC07 mAP")
-        axis.plot([r["labeled"] for r in rows], [r["map_area"] for r in rows], marker="s", label="area mAP")
+        x = [r["labeled"] for r in rows]
+        axis.plot(x, [r["map_voc07"] for r in rows], marker="o", label=f"VOC07 mAP{f' ({label})' if label else ''}")
+        axis.plot(x, [r["map_area"] for r in rows], marker="s", label="area mAP")
+        for name, other in (beside or {}).items():
+            axis.plot(
+                [r["labeled"] for r in other],
+                [r["map_voc07"] for r in other],
+                marker="^",
+                linestyle="--",
+                label=f"VOC07 mAP ({name}, same seed)",
+            )
 
     return curve_png(draw, ylabel="mAP (IoU 0.5)")
+
+
+def _beside_table(rows: list[dict], label: str, others: dict[str, list[dict]]) -> list[str]:
+    """VOC07 mAP of this run and the runs beside it, by labelled images, and the difference."""
+    names = list(others)
+    lines = [
+        "",
+        f"## {label} beside {', '.join(names)}",
+        "",
+        "The same job, seed and initial labelled set; only the selection differs. VOC07 mAP on the test split:",
+        "",
+        "| labelled images | "
+        + " | ".join([label, *names])
+        + " | "
+        + " | ".join(f"{label} − {n}" for n in names)
+        + " |",
+        "|---|" + "---|" * (1 + 2 * len(names)),
+    ]
+    for r in rows:
+        theirs = [next((o["map_voc07"] for o in others[n] if o.get("labeled") == r["labeled"]), None) for n in names]
+        cells = [f"{v:.4f}" if v is not None else "–" for v in theirs]
+        cells += [f"{r['map_voc07'] - v:+.4f}" if v is not None else "–" for v in theirs]
+        lines.append(f"| {r['labeled']} | {r['map_voc07']:.4f} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _evaluated(run: str) -> list[dict]:
+    """The evaluated cycles of a run (for a curve beside another); none if it has not started."""
+    try:
+        return [c for c in run_status(run)["cycles"] if c.get("map_voc07") is not None]
+    except FileNotFoundError:
+        return []
 
 
 def _uncertain_pictures(layout: RunLayout, view: dict, count: int) -> list[tuple[str, str]]:
@@ -211,9 +252,17 @@ def _write_page(layout: RunLayout, status: dict, summary: str, curve: bytes | No
     return page
 
 
-def write_report(run: str, *, pictures: int = 6) -> dict[str, str]:
+def write_report(
+    run: str, *, pictures: int = 6, label: str | None = None, beside: dict[str, str] | None = None
+) -> dict[str, str]:
     """Write ``report/curve.png``, ``report/report.md`` (with pictures of the most uncertain images of the latest
-    selection) and ``report/report.html`` (every selection's picks, sortable and filterable)."""
+    selection) and ``report/report.html`` (every selection's picks, sortable and filterable).
+
+    Args:
+        label: what this run is called beside others (its strategy).
+        beside: other runs from the same initial labelled set (name -> run URI, e.g. ``{"random": ...}``): their
+            VOC07 mAP is drawn on the same curve and tabled beside this run's, labelled size by size.
+    """
     from almdn_ray.report_html import selection_views
 
     layout = RunLayout(run)
@@ -234,8 +283,9 @@ def write_report(run: str, *, pictures: int = 6) -> dict[str, str]:
         markdown = storage.join(layout.report, "report.md")
         storage.write_bytes(markdown, ("\n".join(lines) + "\n").encode())
         return {"curve": None, "markdown": markdown, "html": _write_page(layout, status, summary, None, views)}
+    others = {name: _evaluated(uri) for name, uri in (beside or {}).items()}
     curve = storage.join(layout.report, "curve.png")
-    curve_bytes = _curve(rows)
+    curve_bytes = _curve(rows, label, others)
     storage.write_bytes(curve, curve_bytes)
     lines += [
         "![mAP against labelled images](curve.png)",
@@ -253,6 +303,8 @@ def write_report(run: str, *, pictures: int = 6) -> dict[str, str]:
         lines.append(
             f"| {r['cycle']} | {r['labeled']} | {r['map_voc07']:.4f} | {r['map_area']:.4f} | {coco} | {picks} | {bad} |"
         )
+    if others:
+        lines += _beside_table(rows, label or "this run", others)
     if any(r.get("unscored_picks") for r in rows):
         lines += [
             "",

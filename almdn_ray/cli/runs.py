@@ -96,7 +96,7 @@ def experiment(
     from almdn_ray import storage
     from almdn_ray.config import SpecError
     from almdn_ray.data.records import DatasetError
-    from almdn_ray.experiment import plan_runs, run_experiment, write_experiment_report
+    from almdn_ray.experiment import plan_runs, run_experiment, write_experiment_report, write_run_reports
     from almdn_ray.state import LeaseError
 
     job = load_job(job_file)
@@ -110,10 +110,13 @@ def experiment(
         run_experiment(runs, ray_stage_functions(), progress=lambda m: typer.echo(f"[almdn-ray] {m}"))
         command = "almdn-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         paths = write_experiment_report(runs, report_to or out, command=command)
+        reports = write_run_reports(runs)
     except (SpecError, LeaseError, DatasetError, FileNotFoundError, RuntimeError, ValueError) as error:
         raise fail(str(error)) from error
     typer.echo(storage.read_bytes(paths["markdown"]).decode())
     typer.echo(f"table: {paths['markdown']}\nplot: {paths['plot']}")
+    if reports:
+        typer.echo(f"each run's report, with the other strategies of its seed beside it: {reports[0]} …")
 
 
 @app.command()
