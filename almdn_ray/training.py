@@ -58,6 +58,9 @@ class TrainRecipe:
     # max_iterations to that length. None: every cycle trains max_iterations.
     epochs: float | None = None
     min_iterations: int = 100
+    # The backbone's pretrained stages learn at this multiple of lr (fine-tuning: keep the pretrained features
+    # while the fresh head and extra layers learn at lr); 1 = one rate for all.
+    backbone_lr_mult: float = 1.0
 
     def __post_init__(self):
         for name in ("max_iterations", "batch_size", "checkpoint_every"):
@@ -73,6 +76,10 @@ class TrainRecipe:
             raise ValueError(f"train.epochs must be > 0 (or null for max_iterations per cycle), got {self.epochs}")
         if not 0.0 <= self.jitter < 0.5:
             raise ValueError(f"train.jitter must be in [0, 0.5) (0 = off, 0.2 = mild), got {self.jitter}")
+        if not 0.0 <= self.backbone_lr_mult <= 1.0:
+            raise ValueError(
+                f"train.backbone_lr_mult must be in [0, 1] (1 = one rate for all), got {self.backbone_lr_mult}"
+            )
         if self.min_iterations < 1:
             raise ValueError(f"train.min_iterations must be >= 1, got {self.min_iterations}")
         if self.read_every < 1:
@@ -164,10 +171,19 @@ def _fresh(spec: ModelSpec, init_weights: dict | None, backbone: dict | None, se
 
 
 def _optimizer(model: nn.Module, recipe: TrainRecipe) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """One parameter group per learning-rate multiple: the backbone's pretrained stages (``backbone.features``)
+    at ``backbone_lr_mult``, the rest at 1. Each group's ``lr_mult`` scales the scheduled rate."""
+    core = model.module if hasattr(model, "module") else model  # DDP wraps the model
+    backbone = {id(p) for p in core.backbone.features.parameters()} if recipe.backbone_lr_mult != 1.0 else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in backbone], "lr_mult": 1.0},
+        {"params": [p for p in trainable if id(p) in backbone], "lr_mult": recipe.backbone_lr_mult},
+    ]
+    groups = [g for g in groups if g["params"]]
     if recipe.optimizer == "adam":
-        return torch.optim.Adam(params, lr=recipe.lr)
-    return torch.optim.SGD(params, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
+        return torch.optim.Adam(groups, lr=recipe.lr)
+    return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, weight_decay=recipe.weight_decay)
 
 
 def _checksum(model: nn.Module) -> float:
@@ -328,7 +344,7 @@ def train_worker(
             torch.manual_seed(_mix(recipe.seed, restarts, iteration))  # jitter and the loss's noise, per iteration
             images, targets = batch_jitter(images, targets, recipe.jitter)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(recipe, iteration)
+                group["lr"] = learning_rate(recipe, iteration) * group.get("lr_mult", 1.0)
             batch = (
                 images.to(context.device, non_blocking=True),
                 [{k: v.to(context.device, non_blocking=True) for k, v in t.items()} for t in targets],

@@ -166,3 +166,29 @@ def test_a_training_step_reads_nothing_back_whatever_the_batch():
     with pytest.raises(ValueError, match="target 1: labels must be in 1..2"):
         images, targets = make_images(2, seed=0)
         checked(model(images), [targets[0], {**targets[1], "labels": targets[1]["labels"] + 5}])
+
+
+def test_the_backbone_learns_at_its_multiple_of_the_rate_and_the_head_at_the_rate():
+    torch.manual_seed(5)
+    weights = SPEC.build().state_dict()
+    trained = {}
+    for mult in (1.0, 0.0):
+        model = train_worker(
+            spec=SPEC,
+            dataset=Scenes(),
+            recipe=recipe(max_iterations=2, lr=1e-3, backbone_lr_mult=mult),
+            context=LocalContext(),
+            init_weights=weights,
+        )
+        trained[mult] = model.state_dict()
+    backbone, extra, head = (
+        "backbone.features.0.0.0.weight",
+        "backbone.extra.0.0.0.weight",
+        "head.box_head.module_list.0.1.weight",
+    )
+    assert not torch.equal(trained[1.0][backbone], weights[backbone])  # one rate: the backbone moves
+    torch.testing.assert_close(trained[0.0][backbone], weights[backbone], atol=0, rtol=0)  # multiple 0: it stays
+    for name in (extra, head):  # the fresh parts learn at the rate either way
+        assert not torch.equal(trained[0.0][name], weights[name])
+    with pytest.raises(ValueError, match="backbone_lr_mult must be in"):
+        recipe(backbone_lr_mult=2.0)
