@@ -44,6 +44,7 @@ def base_job(demo, out, **acquisition):  # noqa: F811
             "storage": {"uri": str(out / "unused")},
             "dataset": {"train": str(demo["pool"]), "test": str(demo["test"])},
             "train": {"seed": 11},
+            "model": {"image_size": 96},  # reports build the model (the stand-in stages never do): keep it small
             "acquisition": {"initial_labeled": 10, "budget": 5, "cycles": 3, **acquisition},
         }
     )
@@ -125,7 +126,7 @@ def test_the_experiment_table_has_mean_std_per_size_and_paired_areas(demo, tmp_p
     assert again.calls == []
     # Every run's report has the other strategy of its seed beside it, size by size.
     reports = write_run_reports(runs)
-    assert len(reports) == 4
+    assert len(reports) == 4 and all("/seed-" in r for r in reports)
     almdn_report = storage.read_bytes(reports[0]).decode()
     assert "## almdn beside random" in almdn_report
     assert "| 20 | 0.1400 | 0.1200 | +0.0200 |" in almdn_report and "| 10 | 0.1000 | 0.1000 | +0.0000 |" in almdn_report
