@@ -33,19 +33,22 @@ test: lint test-tools
 validate-samples: install
 	.ci/validate-samples
 
-# The main job on the embedded defaults: demo data, small model, local Ray and storage, CPU.
+# The main job on the embedded defaults: demo data and its backbone, small model, local Ray and storage, CPU;
+# AL-MDN and random selection from the same initial labelled set (random reuses AL-MDN's first cycle).
 quickstart: install
-	$(BIN)/almdn-ray data demo data/demo --images 600 --test-images 200 --size 160
-	$(BIN)/almdn-ray run jobs/quickstart.yaml
-	@echo "report: runs/quickstart/report/report.md and report.html (curve: runs/quickstart/report/curve.png)"
+	$(BIN)/almdn-ray data demo data/demo --images 1000 --test-images 200 --size 160
+	$(BIN)/almdn-ray experiment jobs/quickstart.yaml --strategies almdn,random --seeds 1 \
+		--out runs/quickstart --report-to runs/quickstart
+	@echo "report: runs/quickstart/almdn/seed-0/report/report.html (and report.md; AL-MDN beside random)"
 
-# The strategy comparison on the demo data (bench/results/experiment/): about an hour on 2 cores; resumable.
-EXPERIMENT := $(BIN)/almdn-ray experiment jobs/quickstart.yaml \
-	--strategies almdn,random,entropy,mc_dropout:1,ensemble:1 --seeds 3 \
-	--out runs/experiment-demo --report-to bench/results/experiment
+# The strategy comparison on a larger demo pool, up to 800 labelled images (bench/results/experiment/): hours
+# on 2 cores, resumable (run it again after a stop). The paired main comparison first, then the committees.
+EXPERIMENT := $(BIN)/almdn-ray experiment jobs/demo_experiment.yaml --out runs/experiment-demo-large \
+	--report-to bench/results/experiment
 experiment: install
-	$(BIN)/almdn-ray data demo data/demo --images 600 --test-images 200 --size 160
-	$(EXPERIMENT)
+	$(BIN)/almdn-ray data demo data/demo-large --images 2000 --test-images 400 --size 160
+	$(EXPERIMENT) --strategies almdn,random,entropy --seeds 3
+	$(EXPERIMENT) --strategies almdn,random,entropy,mc_dropout:1,ensemble:1 --seeds 3
 
 # almdn_diverse beside almdn, random and entropy on a demo pool of bursts (400 scenes, each with 2 near-copies).
 experiment-diverse: install

@@ -1,14 +1,15 @@
 """The ceiling the active-learning curve climbs towards: fully supervised mAP of a job's model vs iterations.
 
-    python bench/ceiling.py [--job jobs/quickstart.yaml] [--labels 600] [--iterations 300,600,1200]
-                            [--set model.small_objects=true --set train.lr=0.002 ...]
+    python bench/ceiling.py [--job jobs/quickstart.yaml] [--labels 400,800] [--iterations 300,600,1200 | --epochs 16]
+                            [--set model.small_objects=true --set train.lr=0.002 ...] [--train-map] [--terms]
 
 Trains the job's model (its preset, anchors and recipe, with ``--set`` overrides) with the one training loop
 (:func:`almdn_ray.training.train_worker`, in this process, no Ray) on the first ``--labels`` images of the
-job's pool with their labels, once per iteration count (the recipe's ``lr_steps`` scaled to each length),
-and evaluates each model on the job's test split (VOC07 mAP, as the cycles do). Also prints the training
-images/s, so a schedule can be sized to a time budget. The demo data must exist (``make quickstart`` or
-``almdn-ray data demo data/demo --images 600 --test-images 200 --size 160``).
+job's pool with their labels, once per labelled-set size and iteration count (the recipe's ``lr_steps`` scaled
+to each length), and evaluates each model on the job's test split (VOC07 mAP, as the cycles do) and, with
+``--train-map``, on the images it trained on. Also prints the training images/s, so a schedule can be sized to
+a time budget. ``--set model.backbone_weights=null`` trains the same model from scratch. The demo data must
+exist (``make quickstart`` or ``almdn-ray data demo data/demo --images 600 --test-images 200 --size 160``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ def _override(data: dict, assignment: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--job", default="jobs/quickstart.yaml")
-    parser.add_argument("--labels", type=int, default=600, help="pool images trained on (all labelled)")
+    parser.add_argument("--labels", default="600", help="pool images trained on (all labelled), comma-separated")
     parser.add_argument("--iterations", default="300,600,1200")
+    parser.add_argument(
+        "--epochs", type=float, default=None, help="instead of --iterations: epochs x labelled / batch iterations"
+    )
     parser.add_argument("--set", action="append", default=[], help="job key=value override (YAML value)")
     parser.add_argument("--train-map", action="store_true", help="also evaluate on the training images")
     parser.add_argument("--terms", action="store_true", help="print the uncertainty terms of the last model")
@@ -46,6 +50,7 @@ def main() -> None:
     from almdn_ray.data.transforms import DetectionDataset, eval_transform, train_transform
     from almdn_ray.data.validate import read_dataset
     from almdn_ray.evaluation import evaluate
+    from almdn_ray.model.backbones import load_state_dict_file
     from almdn_ray.training import LocalContext, train_worker
 
     with open(args.job) as stream:
@@ -56,37 +61,50 @@ def main() -> None:
     pool = read_dataset(job.dataset.train)
     test = read_dataset(job.dataset.test).with_classes(pool.classes, job.dataset.test)
     spec = replace(job.model, num_classes=pool.num_classes)
-    records = pool.records[: args.labels]
     size = spec.input_size
     recipe = job.train
+    # The backbone file, as the TRAIN stage reads it (a model with backbone_weights null trains from scratch).
+    backbone = load_state_dict_file(spec.backbone_weights) if spec.backbone_weights else None
     transform = train_transform(size, flip=recipe.flip) if recipe.augment else eval_transform(size)
-    dataset = DetectionDataset(records, transform)
-    print(f"job {args.job} with {args.set or 'no overrides'}: {len(records)} labelled images, {size} px")
-    print("| iterations | VOC07 mAP | train s | train img/s |")
-    print("|---|---|---|---|")
-    for iterations in (int(i) for i in args.iterations.split(",")):
-        scale = iterations / recipe.max_iterations
-        scaled = replace(
-            recipe,
-            max_iterations=iterations,
-            lr_steps=tuple(round(s * scale) for s in recipe.lr_steps),
-            checkpoint_every=iterations,
-        )
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        model = train_worker(spec=spec, dataset=dataset, recipe=scaled, context=LocalContext())
-        seconds = time.perf_counter() - start
-        metrics = evaluate(model.eval(), test, batch_size=32, log_every=0)
-        if args.train_map:
-            seen = evaluate(model.eval(), replace(pool, records=records), batch_size=32, log_every=0)
-            print(f"(on its own training images: {seen['map_voc07']:.3f})")
-        print(
-            f"| {iterations} | {metrics['map_voc07']:.3f} | {seconds:.0f} | "
-            f"{iterations * recipe.batch_size / seconds:.0f} |",
-            flush=True,
-        )
+    print(
+        f"job {args.job} with {args.set or 'no overrides'}: {size} px, test split {len(test.records)} images, "
+        f"backbone {spec.backbone_weights or 'none (from scratch)'}"
+    )
+    print("| labelled | iterations | VOC07 mAP (test) | mAP (own training images) | train s | train img/s |")
+    print("|---|---|---|---|---|---|")
+    for labels in (int(n) for n in args.labels.split(",")):
+        records = pool.records[:labels]
+        if len(records) < labels:
+            raise SystemExit(f"{job.dataset.train} has {len(records)} images, fewer than --labels {labels}")
+        dataset = DetectionDataset(records, transform)
+        lengths = [int(i) for i in args.iterations.split(",")]
+        if args.epochs:
+            lengths = [max(1, round(args.epochs * labels / recipe.batch_size))]
+        for iterations in lengths:
+            scale = iterations / recipe.max_iterations
+            scaled = replace(
+                recipe,
+                max_iterations=iterations,
+                lr_steps=tuple(round(s * scale) for s in recipe.lr_steps),
+                warmup_iterations=round(recipe.warmup_iterations * min(1.0, scale)),
+                checkpoint_every=iterations,
+            )
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            model = train_worker(spec=spec, dataset=dataset, recipe=scaled, context=LocalContext(), backbone=backbone)
+            seconds = time.perf_counter() - start
+            metrics = evaluate(model.eval(), test, batch_size=32, log_every=0)
+            seen = "-"
+            if args.train_map:
+                own = evaluate(model.eval(), replace(pool, records=records), batch_size=32, log_every=0)
+                seen = f"{own['map_voc07']:.3f}"
+            print(
+                f"| {labels} | {iterations} | {metrics['map_voc07']:.3f} | {seen} | {seconds:.0f} | "
+                f"{iterations * recipe.batch_size / seconds:.0f} |",
+                flush=True,
+            )
     if args.terms:
-        print_term_distributions(model, pool.records[args.labels :] or pool.records, job)
+        print_term_distributions(model, pool.records[labels:] or pool.records, job)
 
 
 def print_term_distributions(model, records, job) -> None:
