@@ -389,6 +389,15 @@ class Driver:
             storage.write_parquet(self.layout.cycle(k, "scores", "empty.parquet"), reduce.SCORE_SCHEMA.empty_table())
             storage.write_bytes(done, b"")
             return True
+        if self.job.acquisition.strategy == "random":  # no model needed: one row per unlabelled image, no forward
+            ids = unlabeled.column("image_id")
+            columns = {f.name: ids if f.name == "image_id" else pa.nulls(len(ids), f.type) for f in reduce.SCORE_SCHEMA}
+            columns["n_det"] = pa.array(np.zeros(len(ids), np.int64))
+            columns["seconds"] = pa.array(np.zeros(len(ids)))
+            table = pa.table(columns, schema=reduce.SCORE_SCHEMA)
+            storage.write_parquet(self.layout.cycle(k, "scores", "random.parquet"), table)
+            storage.write_bytes(done, b"")
+            return True
         manifest = self.layout.cycle(k, "unlabeled")
         storage.delete(manifest)
         # almdn_diverse also scores the labelled images: their embeddings keep new picks away from them

@@ -192,7 +192,8 @@ def select_from_scores(
     chosen = np.asarray(pc.take(ids, pa.array(rows)).to_pylist(), dtype=object)
     classes = None
     if "top_class" in scores.column_names:
-        classes = pc.take(scores.column("top_class"), pa.array(rows)).to_numpy(zero_copy_only=False)
+        picked = pc.take(scores.column("top_class"), pa.array(rows))
+        classes = pc.fill_null(picked, -1).to_numpy(zero_copy_only=False)  # null: not scored (random)
     return acquisition.Selection(chosen, values, np.arange(rows.shape[0]), classes, dropped)
 
 

@@ -79,7 +79,8 @@ def _term_values(folder: str, picked: list[str], labelled: list[str]) -> dict[st
         for name in summed:
             totals[name].append(pc.sum(table.column(name)).as_py() or 0)
         for row in table.filter(pc.is_in(table["image_id"], wanted)).to_pylist():
-            maxima[row["image_id"]] = [row[f"{t}_max"] for t in TERMS]
+            # null: a row that was not scored (random selects without a model)
+            maxima[row["image_id"]] = [math.nan if row[f"{t}_max"] is None else row[f"{t}_max"] for t in TERMS]
     stats = acquisition.pool_statistics({name: np.asarray(v, np.float64) for name, v in totals.items()})
     out = {}
     for image_id, values in maxima.items():

@@ -282,3 +282,19 @@ def test_a_run_frozen_with_a_misspelt_class_target_resumes_with_the_corrected_on
         Driver(
             job(demo, tmp_path, strategy="almdn_diverse", cycles=2, class_target="uniform"), Recorder().functions()
         ).run()
+
+
+def test_random_selects_without_scoring_the_pool(demo, tmp_path):  # noqa: F811
+    recorder = Recorder()
+    spec = job(demo, tmp_path, strategy="random", cycles=3)
+    assert Driver(spec, recorder.functions()).run().status == "finished"
+    assert not [c for c in recorder.calls if c[0] == "score"]  # random needs no forward pass
+    layout = RunLayout(str(tmp_path))
+    for k in (0, 1):
+        before = set(labeled_ids(layout, k))
+        picked = storage.read_parquet(layout.cycle(k, "selected.parquet")).column("image_id").to_pylist()
+        assert len(picked) == spec.acquisition.budget and not before & set(picked)
+        assert set(labeled_ids(layout, k + 1)) == before | set(picked)
+    again = tmp_path / "again"
+    Driver(job(demo, again, strategy="random", cycles=3), Recorder().functions()).run()
+    assert labeled_ids(RunLayout(str(again)), 2) == labeled_ids(layout, 2)  # seeded

@@ -440,7 +440,7 @@ def test_a_two_strategy_experiment_on_ray_writes_a_paired_table(ray_session, dem
     ]
     assert all(row["score_ms_per_image"] > 0 for row in table["rows"])
     lines = [line for line in (report / "experiment.md").read_text().splitlines() if line.startswith("| ")]
-    assert len(lines) == 3 and lines[0].count("|") == 9  # header + 2 strategies; 8 columns
+    assert len(lines) == 3 and lines[0].count("|") == 11  # header + 2 strategies; 10 columns
     assert (report / "experiment.png").read_bytes()[:4] == b"\x89PNG"
     first = [labeled_ids(RunLayout(str(out / s / "seed-0")), 0) for s in ("almdn", "mc_dropout")]
     assert len(first[0]) == 10 and first[0] == first[1]  # paired: the same initial labelled set

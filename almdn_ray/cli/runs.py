@@ -92,6 +92,7 @@ def experiment(
     """Compare strategies: run the job per strategy and seed (resumable), then write a table and a plot."""
     import shlex
     import sys
+    from dataclasses import replace
 
     from almdn_ray import storage
     from almdn_ray.config import SpecError
@@ -102,10 +103,15 @@ def experiment(
     job = load_job(job_file)
     out = out or f"{job.storage.uri.rstrip('/')}-experiment"
     names = [s.strip() for s in strategies.split(",") if s.strip()]
+    log_file = None
     try:
         runs = plan_runs(job, names, seeds, out, mc_dropout=mc_dropout)
-        from almdn_ray.distributed.stages import connect, ray_stage_functions
+        from almdn_ray.distributed.stages import connect, log_ray_to, ray_stage_functions
 
+        if not verbose_logging():  # as `run`: Ray's and the stages' logs go to a file, one line per stage here
+            log_file = run_log_file(replace(job, storage=replace(job.storage, uri=out)))
+            log_ray_to(log_file)
+            typer.echo(f"[almdn-ray] experiment {out}; Ray's and the stages' logs: {log_file.baseFilename}")
         connect(job)
         run_experiment(runs, ray_stage_functions(), progress=lambda m: typer.echo(f"[almdn-ray] {m}"))
         command = "almdn-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:])
@@ -113,6 +119,13 @@ def experiment(
         reports = write_run_reports(runs)
     except (SpecError, LeaseError, DatasetError, FileNotFoundError, RuntimeError, ValueError) as error:
         raise fail(str(error)) from error
+    finally:
+        if log_file is not None:
+            from almdn_ray.distributed.stages import log_ray_to
+
+            log_ray_to(None)
+            logging.getLogger().removeHandler(log_file)
+            log_file.close()
     typer.echo(storage.read_bytes(paths["markdown"]).decode())
     typer.echo(f"table: {paths['markdown']}\nplot: {paths['plot']}")
     if reports:
